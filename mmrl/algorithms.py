@@ -1,0 +1,215 @@
+"""The RL math, as small pure functions over tensors.
+
+Shapes: per-token tensors are ``[B, T]`` (B = sampled completions, T = completion tokens, right-padded)
+with a ``mask`` of the same shape (1 = real token); per-sample tensors are ``[B]``. Every function is
+vectorised over the batch and runs on whatever device its inputs are on.
+
+Advantage estimators, KL estimators and loss aggregations are registered by name (as in verl's
+``core_algos.py``), so a config can pick them and later algorithms can add their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+# --------------------------------------------------------------------------------------------------
+# Masked reductions
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is set (0 when nothing is set)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Group advantages (GRPO; Dr. GRPO)
+# --------------------------------------------------------------------------------------------------
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages.
+
+    ``rewards`` is ``[P*G]`` with each prompt's ``G = group_size`` samples contiguous. Each reward is
+    centred on its group's mean; then divided by the group's std (``"group"``, GRPO), by the std of
+    all rewards in the batch (``"batch"``), or left unscaled (``"none"``, Dr. GRPO). std is the unbiased
+    sample std, as in TRL. A group whose rewards are all equal gets advantage exactly 0.
+
+    NaN rewards (no reward function produced a value) are left out of their group's statistics and
+    get advantage 0, so a failed scorer never pushes the policy either way.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid: {list(ADVANTAGE_SCALES)}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size).float()
+    valid = ~torch.isnan(grouped)
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    count = valid.sum(dim=1, keepdim=True)
+    mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
+    group_var = (centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    group_std = group_var.sqrt()
+    if scale == "group":
+        advantages = centred / (group_std + eps)
+    elif scale == "batch":
+        flat_valid = valid.flatten()
+        batch_std = rewards.float()[flat_valid].std() if flat_valid.sum() > 1 else rewards.new_zeros(())
+        advantages = centred / (batch_std + eps)
+    else:
+        advantages = centred
+    # Rounding in the mean can leave tiny non-zero values in a constant group; zero them exactly.
+    constant = (group_std <= 1e-8 * (1.0 + mean.abs())) | (count <= 1)
+    advantages = torch.where(constant | ~valid, torch.zeros_like(advantages), advantages)
+    return advantages.flatten().to(rewards.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators (Schulman, "Approximating KL divergence")
+# --------------------------------------------------------------------------------------------------
+
+
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp
+
+
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from log-probs of tokens sampled from π.
+
+    ``k1`` = logp − ref (unbiased, high variance), ``k2`` = (logp − ref)²/2, ``k3`` = e^(ref−logp) −
+    (ref − logp) − 1 (unbiased, always ≥ 0; the GRPO paper's choice).
+    """
+    try:
+        fn = KL_ESTIMATORS[estimator]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {sorted(KL_ESTIMATORS)}") from None
+    return fn(logp, ref_logp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss aggregation: how per-token terms become one scalar
+# --------------------------------------------------------------------------------------------------
+
+
+def _agg_sequence_mean(per_token: Tensor, mask: Tensor, max_completion_length: int | None) -> Tensor:
+    # GRPO (paper): each sequence's token mean, then the mean over sequences.
+    mask = mask.to(per_token.dtype)
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def _agg_token_mean(per_token: Tensor, mask: Tensor, max_completion_length: int | None) -> Tensor:
+    # BNPO / DAPO: every valid token in the batch weighs the same (long answers are not down-weighted).
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _agg_constant_normaliser(per_token: Tensor, mask: Tensor, max_completion_length: int | None) -> Tensor:
+    # Dr. GRPO: divide by a constant (B · max length) so the loss has no length bias at all.
+    length = max_completion_length if max_completion_length is not None else per_token.shape[-1]
+    return (per_token * mask.to(per_token.dtype)).sum() / (per_token.shape[0] * length)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "grpo": _agg_sequence_mean,
+    "bnpo": _agg_token_mean,
+    "dapo": _agg_token_mean,
+    "dr_grpo": _agg_constant_normaliser,
+}
+
+
+def aggregate_loss(
+    per_token: Tensor, mask: Tensor, loss_type: str = "grpo", max_completion_length: int | None = None
+) -> Tensor:
+    """Reduce a ``[B, T]`` per-token term to a scalar the way ``loss_type`` prescribes."""
+    try:
+        fn = LOSS_AGGREGATIONS[loss_type]
+    except KeyError:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(LOSS_AGGREGATIONS)}") from None
+    return fn(per_token, mask, max_completion_length)
+
+
+def micro_batch_weight(loss_type: str, micro_mask: Tensor, full_mask: Tensor, num_micro: int) -> float | Tensor:
+    """Factor for a micro-batch's loss so that accumulated gradients equal the mini-batch loss's.
+
+    ``grpo`` and ``dr_grpo`` average over sequences, so a micro-batch counts by its share of sequences;
+    ``dapo`` averages over every token of the mini-batch, so by its share of tokens; ``bnpo`` is the
+    mean of per-micro-batch token means (TRL's definition), so each micro-batch weighs the same.
+    """
+    if loss_type in ("grpo", "dr_grpo"):
+        return micro_mask.shape[0] / full_mask.shape[0]
+    if loss_type == "dapo":
+        return micro_mask.sum() / full_mask.sum().clamp(min=1.0)
+    if loss_type == "bnpo":
+        return 1.0 / num_micro
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid: {sorted(LOSS_AGGREGATIONS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Clipped policy-gradient loss (PPO surrogate, GRPO family)
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    max_completion_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clipped surrogate with GRPO-family aggregation.
+
+    Token ratio r = exp(logp − old_logp), clipped to [1 − ε, 1 + ε_high] (ε_high defaults to ε; DAPO's
+    "clip-higher" sets it larger). Per-token loss −min(r·A, clip(r)·A), aggregated by ``loss_type``
+    (see :data:`LOSS_AGGREGATIONS`). Returns the loss and detached metrics: ``clip_ratio/low_mean``
+    (tokens clipped at the lower bound with A < 0), ``clip_ratio/high_mean`` (upper bound, A > 0),
+    ``clip_ratio/region_mean`` (either), ``ratio_mean``.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_high)
+    adv = advantages.unsqueeze(-1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    loss = aggregate_loss(per_token, mask, loss_type, max_completion_length)
+    with torch.no_grad():
+        low = (ratio < 1.0 - epsilon) & (adv < 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        metrics = {
+            "clip_ratio/low_mean": masked_mean(low.float(), mask),
+            "clip_ratio/high_mean": masked_mean(high.float(), mask),
+            "clip_ratio/region_mean": masked_mean((low | high).float(), mask),
+            "ratio_mean": masked_mean(ratio.detach(), mask),
+        }
+    return loss, metrics
+
+
+def sampled_token_entropy(logp: Tensor, mask: Tensor) -> Tensor:
+    """Entropy estimated from the sampled tokens alone: mean of −logp over valid tokens (a scalar).
+
+    Cheap (needs no full distribution) and what PAPO's double-entropy terms use."""
+    return masked_mean(-logp, mask)

@@ -1,0 +1,250 @@
+"""Typed configuration: dataclasses loaded from YAML, with ``key.sub=value`` CLI overrides.
+
+Unknown keys are errors that name the nearest valid key. Values are checked against the dataclass
+field types (int, float, bool, str, Optional, list, dict, nested dataclasses). The sections that
+depend on the task (``model``, ``data``, ``cold_start``) are typed by the task itself: the loader is
+given their dataclasses by whoever wires tasks together (the CLI), so ``mmrl`` never imports a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmrl.policy import Sampling
+
+# --------------------------------------------------------------------------------------------------
+# Trainer configuration (task-agnostic)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    name: str  # registry name or "path/to/file.py:function"
+    weight: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo  (see mmrl.algorithms.LOSS_AGGREGATIONS)
+    adv_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # PPO clip, lower side (and upper unless epsilon_high is set)
+    epsilon_high: float | None = None  # DAPO clip-higher, e.g. 0.28
+    beta: float = 0.0  # weight of KL to the frozen reference model; 0 = no reference model
+    kl_estimator: str = "k3"
+    ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    scheduler: str = "constant"  # any transformers scheduler name: constant | linear | cosine | ...
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard | wandb
+    project: str = "mmrl"  # W&B project
+    run_name: str | None = None
+    log_completions: int = 2  # completions printed into the log every logging step (0 = none)
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    reward: str = "accuracy"  # reward whose mean over the held-out set is reported as accuracy
+    before_training: bool = True
+    after_training: bool = True
+    every_steps: int = 0  # 0 = only before/after
+    max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+    batch_size: int = 32
+
+
+@dataclass
+class TrainConfig:
+    task: str = "vision"
+    output_dir: str = "runs/mmrl"
+    seed: int = 0
+    max_steps: int = 100  # rollout steps
+    prompts_per_step: int = 8  # P: prompts per rollout step (per process)
+    group_size: int = 8  # G: completions per prompt
+    mini_batch_size: int | None = None  # samples per optimizer update; default all P*G of the rollout
+    micro_batch_size: int = 8  # samples per forward/backward; gradient accumulation fills a mini-batch
+    logprob_chunk_size: int = 1024  # tokens per slice when projecting hidden states to fp32 logits
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it) | no | bf16 | fp16
+    save_steps: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
+    save_final: bool = True
+    resume_from: str | None = None  # a checkpoint directory written by the trainer
+    reward_timeout: float | None = None  # seconds per reward-function call; None = no limit
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig("accuracy")])
+    sampling: Sampling = field(default_factory=Sampling)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Task-typed sections; their dataclasses come from the task (see module docstring).
+    model: Any = None
+    data: Any = None
+    cold_start: Any = None
+
+
+TASK_SECTIONS = ("model", "data", "cold_start")
+
+# --------------------------------------------------------------------------------------------------
+# Generic loading
+# --------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {where + key!r}.{hint} Valid keys here: {sorted(valid)}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp`` (converting where YAML is looser, e.g. int → float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "", section_types: dict[str, type] | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(key, names, where)
+        tp = (section_types or {}).get(key, hints[key])
+        kwargs[key] = _coerce(value, tp, where + key)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    for key, tp in (section_types or {}).items():
+        if getattr(obj, key, None) is None and dataclasses.is_dataclass(tp):
+            setattr(obj, key, tp())
+    return obj
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML (``lr=1e-5``, ``x=[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+        dotted, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text != "" else ""
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return raw
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    section_types: dict[str, type] | None = None,
+) -> TrainConfig:
+    """Load a :class:`TrainConfig` from YAML plus overrides; task sections typed by ``section_types``."""
+    raw = load_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(TrainConfig, raw, section_types=section_types)
+
+
+def to_dict(config: Any) -> Any:
+    """A plain, YAML-serialisable copy of a config."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config

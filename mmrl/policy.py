@@ -1,0 +1,116 @@
+"""The seam between the one trainer and a task: the :class:`Policy` interface.
+
+A policy wraps a model that produces token sequences (text for a VLM, image codes for an
+autoregressive image generator) and knows three things the trainer does not:
+
+1. how to sample a group of completions for a batch of prompt records (:meth:`Policy.generate`),
+2. how to score given completions token by token under some weights (:meth:`Policy.log_probs`),
+3. how to turn completions into what reward functions read (:meth:`Policy.decode`).
+
+Everything else — group advantages, losses, KL, optimisation, logging, checkpoints — is the
+trainer's, and is the same for every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SampleInputs:
+    """Per-sample model inputs a policy needs to re-score its completions, in a form that can be
+    sliced by sample: ``tensors`` are batch-first ``[B, ...]``; ``lists`` hold one item per sample for
+    ragged data (e.g. a variable number of image patches per sample)."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    lists: dict[str, list] = field(default_factory=dict)
+
+    def select(self, index: Tensor) -> SampleInputs:
+        idx = index.tolist()
+        return SampleInputs(
+            tensors={k: v[index.to(v.device)] for k, v in self.tensors.items()},
+            lists={k: [v[i] for i in idx] for k, v in self.lists.items()},
+        )
+
+
+@dataclass
+class Rollout:
+    """One step's sampled completions: ``B = P * group_size`` rows, each prompt's group contiguous.
+
+    ``completion_ids``/``completion_mask`` are ``[B, T]``, right-padded; the mask covers the tokens up to
+    and including the stop token. ``prompts`` and ``columns`` are what reward functions receive (one
+    entry per sample). ``truncated`` marks samples that hit the length limit without stopping.
+    ``sampler_logp`` holds the sampling engine's own log-probs when it reports them (e.g. vLLM), for
+    rollout/training mismatch corrections; ``None`` otherwise.
+    """
+
+    completion_ids: Tensor
+    completion_mask: Tensor
+    inputs: SampleInputs
+    prompts: list
+    columns: dict[str, list]
+    group_size: int
+    truncated: Tensor
+    sampler_logp: Tensor | None = None
+    temperature: float = 1.0  # log-probs are computed at the temperature the completions were sampled at
+
+    @property
+    def batch_size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, index: Tensor) -> Rollout:
+        """The sub-rollout of samples ``index`` (a 1-D long tensor), e.g. one mini-batch."""
+        idx = index.tolist()
+        return replace(
+            self,
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index],
+            inputs=self.inputs.select(index),
+            prompts=[self.prompts[i] for i in idx],
+            columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
+            truncated=self.truncated[index],
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
+        )
+
+
+@dataclass
+class Sampling:
+    """How to sample. ``temperature == 0`` means greedy. ``top_k == 0`` / ``top_p == 1`` disable them."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What a task implements to be trained by :class:`mmrl.Trainer`."""
+
+    #: The trainable module. The trainer builds the optimizer over its parameters, wraps it with
+    #: ``accelerate`` and passes the (possibly wrapped) module back into the methods below.
+    model: torch.nn.Module
+
+    def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
+        """Sample ``group_size`` completions for each record (no gradient)."""
+        ...
+
+    def log_probs(
+        self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs ``[B, T]`` of ``rollout.completion_ids`` under ``model`` (with gradient if
+        enabled), and per-token entropies of the full distribution when ``with_entropy``."""
+        ...
+
+    def decode(self, rollout: Rollout) -> list[Any]:
+        """Completions as reward functions read them (text for a VLM, images for an image generator)."""
+        ...
+
+    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
+        """Write ``model`` and whatever else is needed to load it again by path (tokenizer, config...)."""
+        ...

@@ -1,0 +1,365 @@
+"""The one trainer: GRPO-family RL for any :class:`~mmrl.policy.Policy`.
+
+One rollout step, read top to bottom in :meth:`Trainer.train`:
+
+1. take ``P`` prompt records; the policy samples ``G`` completions for each (group sampling);
+2. reward functions score the decoded completions; rewards are combined with their weights;
+3. group-relative advantages (:func:`mmrl.algorithms.group_advantages`);
+4. log-probs at rollout time (the ``old_logp`` of the PPO ratio) and, if ``beta > 0``, under the frozen
+   reference model — both without gradient;
+5. ``ppo_epochs`` passes over the rollout in shuffled mini-batches; each mini-batch is one optimizer
+   update, accumulated over micro-batches; clipped policy loss (+ β·KL), grad-norm clip, step.
+
+Multi-GPU goes through ``accelerate``: each process samples its own prompts, so groups never span
+processes and advantages need no communication; metrics are averaged across processes for logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mmrl import algorithms
+from mmrl.checkpoint import CHECKPOINT_PREFIX, load_model_weights, load_training_state, save_training_state
+from mmrl.config import TrainConfig, to_dict
+from mmrl.data import PromptSampler
+from mmrl.logger import MetricsLogger, plot_reward_curve
+from mmrl.policy import Policy, Rollout, Sampling
+from mmrl.rewards import RewardFn, compute_rewards, get_reward, reward_name
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class Trainer:
+    """Trains ``policy`` with GRPO-family RL on ``train_dataset`` (a sequence of prompt records).
+
+    ``reward_funcs`` overrides ``config.rewards``: callables (or registry names) with TRL's signature,
+    weighted by ``reward_weights`` (default 1 each).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        policy: Policy,
+        train_dataset: Sequence[dict],
+        eval_dataset: Sequence[dict] | None = None,
+        reward_funcs: Sequence[RewardFn | str] | None = None,
+        reward_weights: Sequence[float] | None = None,
+    ):
+        self.config = cfg = config
+        self._check_config(cfg)
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+        set_seed(cfg.seed + self.accelerator.process_index)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
+
+        self.policy = policy
+        if reward_funcs is None:
+            reward_funcs = [r.name for r in cfg.rewards]
+            reward_weights = [r.weight for r in cfg.rewards] if reward_weights is None else reward_weights
+        self.reward_fns: list[RewardFn] = [get_reward(f) for f in reward_funcs]
+        self.reward_names = [f if isinstance(f, str) and ".py:" not in f else reward_name(g)
+                             for f, g in zip(reward_funcs, self.reward_fns)]
+        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_fns)
+        if len(self.reward_weights) != len(self.reward_fns):
+            raise ValueError(f"{len(self.reward_fns)} reward functions but {len(self.reward_weights)} weights")
+
+        model = policy.model
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The reference model is a frozen copy of the starting weights (only when the KL term is on).
+        self.ref_model = None
+        if cfg.algorithm.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model.to(self.accelerator.device)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay)
+        self.updates_per_step = cfg.algorithm.ppo_epochs * math.ceil(self.rollout_size / self.mini_batch_size)
+        scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                  num_training_steps=cfg.max_steps * self.updates_per_step)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.sampler = PromptSampler(train_dataset, cfg.prompts_per_step, seed=cfg.seed + self.accelerator.process_index)
+        self.output_dir = Path(cfg.output_dir)
+        self.rollout_step = 0
+        self.global_step = 0  # optimizer updates
+        self.metrics_logger: MetricsLogger | None = None
+        if cfg.resume_from:
+            self._resume(Path(cfg.resume_from))
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def rollout_size(self) -> int:
+        return self.config.prompts_per_step * self.config.group_size
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.config.mini_batch_size or self.rollout_size
+
+    @staticmethod
+    def _check_config(cfg: TrainConfig) -> None:
+        algorithms.aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), cfg.algorithm.loss_type)  # validates name
+        if cfg.algorithm.adv_scale not in algorithms.ADVANTAGE_SCALES:
+            raise ValueError(f"algorithm.adv_scale={cfg.algorithm.adv_scale!r}; valid: {list(algorithms.ADVANTAGE_SCALES)}")
+        if cfg.algorithm.kl_estimator not in algorithms.KL_ESTIMATORS:
+            raise ValueError(f"algorithm.kl_estimator={cfg.algorithm.kl_estimator!r}; valid: {sorted(algorithms.KL_ESTIMATORS)}")
+        if cfg.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {cfg.group_size}")
+        for name in ("prompts_per_step", "micro_batch_size", "max_steps"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run ``max_steps`` rollout steps. Returns the logged metrics history (main process)."""
+        cfg, acc = self.config, self.accelerator
+        if acc.is_main_process:
+            self.metrics_logger = MetricsLogger(
+                self.output_dir, cfg.logging.report_to, config=to_dict(cfg), project=cfg.logging.project,
+                run_name=cfg.logging.run_name, resume=cfg.resume_from is not None)
+        bar = tqdm(total=cfg.max_steps, initial=self.rollout_step, desc="GRPO", unit="step",
+                   disable=not (cfg.logging.progress_bar and acc.is_main_process), dynamic_ncols=True)
+        while self.rollout_step < cfg.max_steps:
+            start = time.perf_counter()
+            records = self.sampler.next_batch()
+
+            # 1. sample a group per prompt (no gradient, eval mode for deterministic layers)
+            self.model.eval()
+            with torch.no_grad():
+                rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
+            gen_time = time.perf_counter() - start
+
+            # 2. rewards  3. advantages
+            completions = self.policy.decode(rollout)
+            rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
+                                      rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names)
+            advantages = algorithms.group_advantages(rewards.total, cfg.group_size, cfg.algorithm.adv_scale)
+            advantages = advantages.to(acc.device)
+
+            # 4. rollout-time and reference log-probs. With one update per rollout the policy has not moved
+            # yet when it is scored, so old_logp = logp.detach() and this pass is skipped (as in TRL).
+            old_logp = self._score(self.model, rollout) if self.updates_per_step > 1 else None
+            ref_logp = self._score(self.ref_model, rollout) if self.ref_model is not None else None
+
+            # 5. optimisation
+            self.model.train()
+            rollout_metrics = self._rollout_metrics(rollout, rewards, completions)
+            rollout_metrics["timing/generate_s"] = gen_time
+            for _ in range(cfg.algorithm.ppo_epochs):
+                order = torch.randperm(rollout.batch_size, generator=self.generator)
+                for index in order.split(self.mini_batch_size):
+                    update_metrics = self._update(rollout.select(index), advantages[index.to(acc.device)],
+                                                  None if old_logp is None else old_logp[index.to(acc.device)],
+                                                  None if ref_logp is None else ref_logp[index.to(acc.device)])
+                    self.global_step += 1
+                    step_time = time.perf_counter() - start
+                    self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
+                               "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
+                               "learning_rate": self.scheduler.get_last_lr()[0],
+                               "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
+            self.rollout_step += 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{rollout_metrics['reward']:.3f}", kl=f"{update_metrics.get('kl', 0.0):.3f}")
+            if cfg.save_steps and self.rollout_step % cfg.save_steps == 0 and self.rollout_step < cfg.max_steps:
+                self.save_checkpoint()
+            if cfg.eval.every_steps and self.eval_dataset is not None and self.rollout_step % cfg.eval.every_steps == 0:
+                self._log({f"eval/{k}": v for k, v in self.evaluate().items()})
+        bar.close()
+        if cfg.save_final:
+            self.save_checkpoint()
+        history = self.metrics_logger.history if self.metrics_logger else []
+        if self.metrics_logger is not None:
+            plot_reward_curve(history, self.output_dir / "reward_curve.png", title=f"reward — {self.output_dir.name}")
+            self.metrics_logger.close()
+        return history
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    def _micro_batches(self, rollout: Rollout) -> list[Tensor]:
+        return list(torch.arange(rollout.batch_size).split(self.config.micro_batch_size))
+
+    @torch.no_grad()
+    def _score(self, model: torch.nn.Module, rollout: Rollout) -> Tensor:
+        """Per-token log-probs of the whole rollout under ``model``, micro-batch by micro-batch."""
+        model.eval()
+        parts = [self.policy.log_probs(model, rollout.select(i))[0] for i in self._micro_batches(rollout)]
+        return torch.cat(parts).detach()
+
+    def _update(self, batch: Rollout, advantages: Tensor, old_logp: Tensor | None,
+                ref_logp: Tensor | None) -> dict[str, float]:
+        """One optimizer update on a mini-batch, accumulating gradients over micro-batches."""
+        cfg, alg, acc = self.config, self.config.algorithm, self.accelerator
+        mask_all = batch.completion_mask.to(acc.device)
+        micro = self._micro_batches(batch)
+        sums: dict[str, float] = {}
+        for n, index in enumerate(micro):
+            part = batch.select(index)
+            dev_index = index.to(acc.device)
+            mask = mask_all[dev_index].float()
+            sync = contextlib.nullcontext() if n == len(micro) - 1 else acc.no_sync(self.model)
+            with sync:
+                logp, entropy = self.policy.log_probs(self.model, part, with_entropy=True)
+                old = logp.detach() if old_logp is None else old_logp[dev_index]
+                loss, metrics = algorithms.policy_loss(
+                    logp, old, advantages[dev_index], mask, alg.loss_type, alg.epsilon, alg.epsilon_high,
+                    cfg.sampling.max_new_tokens)
+                metrics["policy_loss"] = loss.detach()
+                if ref_logp is not None:
+                    kl = algorithms.kl_estimate(logp, ref_logp[dev_index], alg.kl_estimator)
+                    loss = loss + alg.beta * algorithms.aggregate_loss(kl, mask, alg.loss_type, cfg.sampling.max_new_tokens)
+                    metrics["kl"] = algorithms.masked_mean(kl.detach(), mask)
+                metrics["entropy"] = algorithms.masked_mean(entropy, mask)
+                weight = algorithms.micro_batch_weight(alg.loss_type, mask, mask_all, len(micro))
+                acc.backward(loss * weight)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / len(micro)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / len(micro)
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
+            if cfg.optim.max_grad_norm and cfg.optim.max_grad_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            sums["grad_norm"] = float(grad_norm)
+        return self._mean_across_processes(sums)
+
+    def _rollout_metrics(self, rollout: Rollout, rewards, completions: list) -> dict[str, float]:
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        total = rewards.total
+        valid = ~torch.isnan(total)
+        grouped = torch.nan_to_num(total, nan=0.0).view(-1, rollout.group_size)
+        m: dict[str, float] = {
+            "reward": float(total[valid].mean()) if valid.any() else float("nan"),
+            "reward_std": float(total[valid].std()) if valid.sum() > 1 else 0.0,
+            "frac_reward_zero_std": float((grouped.std(dim=1) < 1e-6).float().mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
+            "completions/total_tokens": float(lengths.sum()),
+            "reward_missing_frac": float((~valid).float().mean()),
+            "skipped_samples": float(self.sampler.skipped),
+        }
+        for j, name in enumerate(rewards.names):
+            column = rewards.per_function[:, j]
+            ok = ~torch.isnan(column)
+            m[f"rewards/{name}/mean"] = float(column[ok].mean()) if ok.any() else float("nan")
+            m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
+            m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
+        if self.config.logging.log_completions and self.accelerator.is_main_process:
+            for i in range(min(self.config.logging.log_completions, len(completions))):
+                logger.info("step %d sample %d reward=%s: %r", self.rollout_step, i,
+                            f"{float(total[i]):.3f}", completions[i] if isinstance(completions[i], str) else type(completions[i]).__name__)
+        return self._mean_across_processes(m)
+
+    def _mean_across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(keys, values.tolist()))
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self.metrics_logger is not None:
+            self.metrics_logger.log(metrics, self.global_step)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Sequence[dict] | None = None, reward: str | Callable | None = None,
+                 max_samples: int | None = None) -> dict[str, float]:
+        """Greedy-decode one completion per record and average ``reward`` (default ``eval.reward``).
+
+        A missing reward counts as 0 (wrong) and is reported in ``missing``."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("no evaluation dataset: pass one to evaluate() or to the Trainer")
+        return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset,
+                               reward if reward is not None else self.config.eval.reward, self.config.sampling,
+                               batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,
+                               max_samples=max_samples, show_progress=self.config.logging.progress_bar)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.rollout_step}"
+        self.policy.save_pretrained(self.accelerator.unwrap_model(self.model), str(path / "model"))
+        state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
+                 "sampler": self.sampler.state_dict()}
+        save_training_state(path, self.optimizer, self.scheduler, self.generator, state)
+        logger.info("saved checkpoint to %s", path)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume_from={str(path)!r} is not a directory")
+        load_model_weights(self.accelerator.unwrap_model(self.model), path / "model")
+        state = load_training_state(path, self.optimizer, self.scheduler, self.generator)
+        self.rollout_step = state["rollout_step"]
+        self.global_step = state["global_step"]
+        self.sampler.load_state_dict(state["sampler"])
+        logger.info("resumed from %s at rollout step %d", path, self.rollout_step)
+
+
+def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[dict], reward: str | Callable,
+                    sampling: Sampling, batch_size: int = 32, max_new_tokens: int | None = None,
+                    max_samples: int | None = None, show_progress: bool = True) -> dict[str, float]:
+    """Mean of ``reward`` over greedy completions (one per record) of ``dataset``."""
+    from mmrl.data import BadSample
+
+    fn = get_reward(reward)
+    greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0,
+                      max_new_tokens=max_new_tokens or sampling.max_new_tokens)
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    scores: list[float] = []
+    errors = 0
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not show_progress, leave=False):
+        records = []
+        for i in range(start, min(start + batch_size, n)):
+            try:
+                records.append(dataset[i])
+            except BadSample as exc:
+                errors += 1
+                logger.warning("evaluation sample %d could not be loaded: %s", i, exc)
+        if not records:
+            continue
+        rollout = policy.generate(model, records, 1, greedy)
+        out = compute_rewards([fn], [1.0], rollout.prompts, policy.decode(rollout), rollout.columns)
+        scores.extend(out.per_function[:, 0].tolist())
+    model.train(was_training)
+    missing = sum(1 for s in scores if math.isnan(s))
+    total = len(scores) + errors
+    correct = sum(s for s in scores if not math.isnan(s))
+    return {"accuracy": correct / total if total else float("nan"), "num_samples": float(total),
+            "missing": float(missing), "load_errors": float(errors)}

@@ -1,0 +1,193 @@
+"""Loading Qwen-VL models and processors — from a hub id, a local directory, or the built-in tiny model.
+
+Two traps handled here:
+
+* transformers' Qwen-VL processors refuse to construct without torchvision (the video-processor class
+  check runs even for ``video_processor=None``). :func:`image_only_processor_class` derives a processor
+  class whose constructor takes no video processor, so the class check never runs; images go through
+  the PIL image processor. Saving works too (there is no ``None`` attribute to serialise).
+* ``tiny-qwen2.5-vl`` is a ~0.7M-parameter Qwen2.5-VL built from a config with the tokenizer shipped in
+  ``vision/assets/tiny_tokenizer``: no network, seconds to train on a CPU, the real architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import Qwen2VLProcessor, Qwen3VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+logger = logging.getLogger(__name__)
+
+TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+
+# Processor class per model_type; the image-only variant is derived from it.
+PROCESSOR_CLASSES = {
+    "qwen2_vl": Qwen2VLProcessor,
+    "qwen2_5_vl": Qwen2_5_VLProcessor,
+    "qwen3_vl": Qwen3VLProcessor,
+    "qwen3_vl_moe": Qwen3VLProcessor,
+}
+
+
+@dataclass
+class VisionModelConfig:
+    """The ``model:`` section of a vision config."""
+
+    name_or_path: str = "tiny-qwen2.5-vl"  # hub id, local directory, or a built-in tiny model name
+    dtype: str = "auto"  # auto (bf16 on a bf16-capable GPU, else fp32) | float32 | bfloat16 | float16
+    attn_implementation: str | None = None  # e.g. sdpa | flash_attention_2; None = transformers' default
+    min_pixels: int = 28 * 28 * 4  # image sizing bounds (Qwen's smart resize)
+    max_pixels: int = 28 * 28 * 256
+    freeze_vision_tower: bool = False
+    seed: int = 0  # initialisation seed of a built-in tiny model
+
+
+# ------------------------------------------------------------------------------------------------
+# Processor without torchvision
+# ------------------------------------------------------------------------------------------------
+
+_IMAGE_ONLY_CACHE: dict[type, type] = {}
+
+
+def image_only_processor_class(base: type) -> type:
+    """A subclass of a Qwen-VL processor class whose only sub-processors are image processor + tokenizer."""
+    if base in _IMAGE_ONLY_CACHE:
+        return _IMAGE_ONLY_CACHE[base]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # ProcessorMixin reads the sub-processor names off this signature: no video_processor here.
+        base.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                      chat_template=chat_template, **kwargs)
+
+    cls = type(f"ImageOnly{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+    _IMAGE_ONLY_CACHE[base] = cls
+    return cls
+
+
+def build_processor(model_type: str, tokenizer, image_processor, chat_template: str | None = None):
+    if model_type not in PROCESSOR_CLASSES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {sorted(PROCESSOR_CLASSES)}")
+    cls = image_only_processor_class(PROCESSOR_CLASSES[model_type])
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 28 * 28 * 4,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen-VL's sizing rule: both sides multiples of ``factor``, area within [min_pixels, max_pixels],
+    aspect ratio kept as closely as the grid allows. (qwen-vl-utils implements the same rule but imports
+    torchvision, which this project must not need.)"""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise ValueError(f"image aspect ratio must be below 200, got {height}x{width}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = 28) -> Image.Image:
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    if (h, w) == (image.height, image.width):
+        return image
+    return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in tiny model
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_qwen2_5_vl_config(tokenizer) -> Qwen2_5_VLConfig:
+    """0.7M parameters: text 128 wide × 2 layers, vision 64 wide × 2 blocks (patch 14, merge 2)."""
+    special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                tie_word_embeddings=True, eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                  window_size=112, in_chans=3)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                            eos_token_id=eos, pad_token_id=pad, **special)
+
+
+def build_tiny_model(name: str, seed: int = 0):
+    """Random-initialised tiny model + processor (no network)."""
+    if name != "tiny-qwen2.5-vl":
+        raise ValueError(f"unknown built-in model {name!r}; built-in: ['tiny-qwen2.5-vl']")
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    config = tiny_qwen2_5_vl_config(tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 256,
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = build_processor("qwen2_5_vl", tokenizer, image_processor)
+    return model, processor
+
+
+BUILTIN_MODELS = ("tiny-qwen2.5-vl",)
+
+
+def _resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"model.dtype={dtype!r}; valid: auto, float32, bfloat16, float16") from None
+
+
+def load_model_and_processor(cfg: VisionModelConfig):
+    """(model, processor) for ``cfg.name_or_path``: a built-in tiny name, a local directory, or a hub id."""
+    name = cfg.name_or_path
+    if name in BUILTIN_MODELS:
+        model, processor = build_tiny_model(name, cfg.seed)
+    else:
+        local = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or local.exists() or name.count("/") != 1
+        if looks_local and not local.is_dir():
+            raise FileNotFoundError(
+                f"model path {name!r} does not exist. Use a local model directory, a hub id like "
+                f"'Qwen/Qwen2.5-VL-3B-Instruct', or a built-in model: {list(BUILTIN_MODELS)}")
+        source = str(local) if local.is_dir() else name
+        config = AutoConfig.from_pretrained(source)
+        if config.model_type not in PROCESSOR_CLASSES:
+            raise ValueError(f"{name!r} is a {config.model_type!r} model; supported: {sorted(PROCESSOR_CLASSES)}")
+        kwargs = {"dtype": _resolve_dtype(cfg.dtype)}
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        processor = build_processor(config.model_type, tokenizer, image_processor)
+    model = model.to(_resolve_dtype(cfg.dtype))
+    image_processor = processor.image_processor
+    # One sizing rule everywhere: the image processor's bounds follow the config.
+    image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+    if cfg.freeze_vision_tower:
+        visual = getattr(getattr(model, "model", model), "visual", None)
+        if visual is None:
+            raise ValueError("freeze_vision_tower: this model has no `visual` module")
+        visual.requires_grad_(False)
+    processor.tokenizer.padding_side = "left"  # generation pads prompts on the left
+    return model, processor

@@ -1,0 +1,157 @@
+"""The vision-language policy: Qwen2-VL / Qwen2.5-VL / Qwen3-VL behind :class:`mmrl.policy.Policy`.
+
+Prompts are chat messages with images (see :mod:`vision`). A group is sampled by repeating each
+prompt's processed inputs ``G`` times in one ``generate`` call. Re-scoring a completion runs the
+model on prompt + completion and turns only the completion's final hidden states into log-probs,
+slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from mmrl.ops import token_logprobs
+from mmrl.policy import Rollout, Sampling, SampleInputs
+from vision.modeling import resize_image
+
+Tensor = torch.Tensor
+
+# Record keys that are model inputs, not columns for reward functions.
+INPUT_KEYS = ("prompt", "images")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP / DeepSpeed wrappers keep the model in `.module`; its lm_head is what projects hidden states.
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class VisionPolicy:
+    """Samples and scores text completions of a Qwen-VL model for image+text prompts."""
+
+    def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.logprob_chunk_size = logprob_chunk_size
+        image_processor = processor.image_processor
+        self.min_pixels = image_processor.min_pixels
+        self.max_pixels = image_processor.max_pixels
+        # Qwen2/2.5-VL: 14-px patches merged 2×2 → 28-px tokens; Qwen3-VL: 16-px patches → 32.
+        self.size_factor = image_processor.patch_size * image_processor.merge_size
+        eos = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = sorted(i for i in eos if i is not None)
+        # A sampled image placeholder would break the next forward (placeholders must match features).
+        vocab = self.tokenizer.get_vocab()
+        self.suppress_token_ids = [vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                      "<|vision_end|>") if t in vocab]
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.eos_token_ids[0]
+
+    # ------------------------------------------------------------------ prompt processing
+
+    def encode_prompts(self, records: list[dict]) -> SampleInputs:
+        """Chat template + image processing for a batch of records, split per record."""
+        texts, images, counts = [], [], []
+        for record in records:
+            texts.append(self.processor.apply_chat_template(record["prompt"], tokenize=False,
+                                                            add_generation_prompt=True))
+            record_images = [resize_image(im, self.min_pixels, self.max_pixels, self.size_factor)
+                             for im in record.get("images") or []]
+            images.extend(record_images)
+            counts.append(len(record_images))
+        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        tensors = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+        lists: dict[str, list] = {}
+        if images:
+            # pixel_values stacks every image's patches; split it back into per-record chunks.
+            grids = batch["image_grid_thw"]
+            patches_per_image = grids.prod(dim=1).tolist()
+            per_image_pixels = list(batch["pixel_values"].split(patches_per_image))
+            per_image_grids = list(grids.split(1))
+            lists["pixel_values"], lists["image_grid_thw"] = [], []
+            start = 0
+            for count in counts:
+                lists["pixel_values"].append(per_image_pixels[start:start + count])
+                lists["image_grid_thw"].append(per_image_grids[start:start + count])
+                start += count
+        return SampleInputs(tensors=tensors, lists=lists)
+
+    def _model_inputs(self, inputs: SampleInputs, device: torch.device) -> dict[str, Tensor]:
+        out = {k: v.to(device) for k, v in inputs.tensors.items()}
+        pixels = [p for chunk in inputs.lists.get("pixel_values", []) for p in chunk]
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels).to(device)
+            out["image_grid_thw"] = torch.cat([g for chunk in inputs.lists["image_grid_thw"] for g in chunk]).to(device)
+        return out
+
+    # ------------------------------------------------------------------ Policy interface
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
+        device = next(model.parameters()).device
+        prompt_inputs = self.encode_prompts(records)
+        repeat = torch.arange(len(records)).repeat_interleave(group_size)
+        inputs = prompt_inputs.select(repeat)
+        greedy = sampling.temperature <= 0
+        # An explicit config: a checkpoint's generation_config.json (e.g. top_k=1 in Qwen instruct
+        # models) must not silently change how the policy samples.
+        gen_config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id, repetition_penalty=None,
+            suppress_tokens=self.suppress_token_ids or None)
+        model_inputs = self._model_inputs(inputs, device)
+        prompt_length = model_inputs["input_ids"].shape[1]
+        sequences = model.generate(**model_inputs, generation_config=gen_config)
+        completion_ids = sequences[:, prompt_length:].cpu()
+        completion_mask, truncated = self._completion_mask(completion_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
+        columns = {key: [records[i].get(key) for i in repeat.tolist()]
+                   for key in records[0] if key not in INPUT_KEYS}
+        return Rollout(completion_ids=completion_ids, completion_mask=completion_mask, inputs=inputs,
+                       prompts=[records[i]["prompt"] for i in repeat.tolist()], columns=columns,
+                       group_size=group_size, truncated=truncated,
+                       temperature=1.0 if greedy else sampling.temperature)
+
+    def _completion_mask(self, completion_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Mask up to and including the first stop token; ``truncated`` where no stop token appears."""
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids))
+        has_eos = is_eos.any(dim=1)
+        length = completion_ids.shape[1]
+        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long))
+        positions = torch.arange(length).unsqueeze(0)
+        mask = (positions <= first_eos.unsqueeze(1)).long()
+        return mask, ~has_eos
+
+    def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        device = next(model.parameters()).device
+        inputs = self._model_inputs(rollout.inputs, device)
+        completion_ids = rollout.completion_ids.to(device)
+        completion_mask = rollout.completion_mask.to(device)
+        prompt_length = inputs["input_ids"].shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1)
+        if "mm_token_type_ids" in inputs:  # completion tokens are text
+            pad = torch.zeros_like(completion_ids, dtype=inputs["mm_token_type_ids"].dtype)
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], dim=1)
+        # Through the (possibly wrapped) model's own forward so DDP/DeepSpeed hooks run; logits for one
+        # position only — the completion's logits are made below from the hidden states, in slices.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, prompt_length - 1:-1]
+        head = _unwrap(model).get_output_embeddings()
+        return token_logprobs(hidden, completion_ids, head, temperature=rollout.temperature,
+                              chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.pad_token_id)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
+        _unwrap(model).save_pretrained(path)
+        self.processor.save_pretrained(path)
