@@ -49,11 +49,15 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; valid: {list(ADVANTAGE_SCALES)}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(
             f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
         )
-    grouped = rewards.view(-1, group_size).float()
+    # Statistics in at least fp32 (fp64 input stays fp64: rewards like 1000.0 vs 1000.001 need it).
+    work_dtype = torch.promote_types(rewards.dtype, torch.float32)
+    grouped = rewards.view(-1, group_size).to(work_dtype)
     valid = ~torch.isnan(grouped)
     filled = torch.where(valid, grouped, torch.zeros_like(grouped))
     count = valid.sum(dim=1, keepdim=True)
@@ -65,7 +69,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         advantages = centred / (group_std + eps)
     elif scale == "batch":
         flat_valid = valid.flatten()
-        batch_std = rewards.float()[flat_valid].std() if flat_valid.sum() > 1 else rewards.new_zeros(())
+        flat = grouped.flatten()
+        batch_std = flat[flat_valid].std() if flat_valid.sum() > 1 else flat.new_zeros(())
         advantages = centred / (batch_std + eps)
     else:
         advantages = centred

@@ -194,7 +194,10 @@ def from_dict(cls: type, data: dict, where: str = "", section_types: dict[str, t
         raise ConfigError(f"{where or 'config'}: {exc}") from None
     for key, tp in (section_types or {}).items():
         if getattr(obj, key, None) is None and dataclasses.is_dataclass(tp):
-            setattr(obj, key, tp())
+            try:
+                setattr(obj, key, tp())
+            except TypeError as exc:  # the section has required fields and the config omits it
+                raise ConfigError(f"section {where + key!r} is required here: {exc}") from None
     return obj
 
 

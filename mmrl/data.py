@@ -8,6 +8,7 @@ the sampler skips it with a warning and counts it; a batch in which every item i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +45,9 @@ class PromptSampler:
     def _make_order(self) -> list[int]:
         if not self.shuffle:
             return list(range(len(self.dataset)))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        # Hash (seed, epoch) so that nearby seeds do not share epoch orders (seed 1 epoch 0 ≠ seed 0 epoch 1).
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
         return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def _next_index(self) -> int:
@@ -57,8 +60,9 @@ class PromptSampler:
         return index
 
     def next_batch(self) -> list[dict]:
-        """The next ``batch_size`` loadable records. Bad items are skipped and replaced by the next ones,
-        but at most ``batch_size`` attempts are made per batch position budget before giving up."""
+        """The next ``batch_size`` loadable records. A bad item is skipped (counted, logged) and replaced
+        by the next one; after ``2 * batch_size`` tries (at least ``batch_size + 8``) a partial batch is
+        returned, and a batch with no loadable item at all is an error."""
         batch: list[dict] = []
         attempts = 0
         max_attempts = max(2 * self.batch_size, self.batch_size + 8)

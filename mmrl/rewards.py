@@ -19,12 +19,12 @@ raises immediately.
 
 from __future__ import annotations
 
-import concurrent.futures
 import difflib
 import importlib.util
 import logging
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,12 +108,25 @@ class RewardOutput:
 def _call_with_timeout(fn: RewardFn, timeout: float | None, args: tuple, kwargs: dict) -> Any:
     if not timeout:
         return fn(*args, **kwargs)
-    # A thread cannot be killed; a timed-out call is abandoned (daemon thread) and its result ignored.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        return pool.submit(fn, *args, **kwargs).result(timeout=timeout)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    # A thread cannot be killed: a timed-out call is abandoned and its result ignored. It runs in a
+    # daemon thread (not a ThreadPoolExecutor, whose workers are joined at exit) so a reward that
+    # hangs forever cannot keep the process from exiting.
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"reward-{reward_name(fn)}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"reward {reward_name(fn)!r} did not return within {timeout}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _to_float(value: Any) -> float:
@@ -149,7 +162,7 @@ def compute_rewards(
     for j, (fn, name) in enumerate(zip(fns, names)):
         try:
             values = _call_with_timeout(fn, timeout, (prompts, completions), dict(columns))
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:
             logger.warning("reward %r timed out after %ss; treated as missing for this batch", name, timeout)
             failures[name] = batch
             continue

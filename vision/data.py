@@ -11,8 +11,7 @@ their columns when ``VisionDataConfig.layout="auto"``:
 
 An image is a PIL image, a path (against ``image_dir``, else the data file's folder, else the working
 directory), a ``{"bytes", "path"}`` dict as Hugging Face datasets stores it, or raw bytes. Images are
-decoded when a record is read; a row that cannot be used raises :class:`mmrl.data.BadSample`, which the
-trainer's sampler skips.
+decoded when a record is read; an unusable row raises :class:`mmrl.data.BadSample` (the sampler skips it).
 """
 
 from __future__ import annotations
@@ -208,11 +207,10 @@ def _without_image_decoding(features: datasets.Features) -> datasets.Features:
         if isinstance(feature, datasets.Image):
             feature.decode = False
         # Features / dict structs, legacy [feature] lists, and List / LargeList / Sequence wrappers.
-        subs = feature.values() if isinstance(feature, dict) else feature if isinstance(feature, (list, tuple)) else [
-            getattr(feature, "feature", None)]
+        subs = feature.values() if isinstance(feature, dict) else feature if isinstance(feature, (list, tuple)) else (
+            [feature.feature] if hasattr(feature, "feature") else [])
         for sub in subs:
-            if sub is not None:
-                visit(sub)
+            visit(sub)
 
     features = copy.deepcopy(features)
     visit(features)
@@ -233,8 +231,7 @@ class VisionDataset(Sequence):
 
     def __init__(self, rows: list[dict] | datasets.Dataset, config: VisionDataConfig | None = None,
                  source_dir: str | Path | None = None, name: str = "dataset"):
-        self.config = config or VisionDataConfig()
-        self.name = name
+        self.config, self.name = config or VisionDataConfig(), name
         self.source_dir = Path(source_dir) if source_dir is not None else None
         resolve_template(self.config.template)  # fail now, not once per row as a skipped sample
         if isinstance(rows, list):

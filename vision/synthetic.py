@@ -17,6 +17,10 @@ Tasks (``make_synthetic(name, ..., **task_options)``):
     The image is a ``grid`` x ``grid`` board of flat colour fills; "What colour is the top-left square?".
     Options: ``grid`` (2), ``num_colours`` (4), ``shapes`` (False: draw a shape per cell and ask for the
     shape instead), ``noise`` (0.0: blend fraction of uniform pixel noise).
+``single_shape``
+    One large circle/square/triangle in one colour at a jittered position; "What colour is the circle?"
+    (or, with ``ask="shape"``, "What shape is in the image?"). Options: ``ask`` ("colour"), ``num_colours``
+    (4). The easiest task: the offline demo's tiny model learns it.
 ``arithmetic``
     ``style="dots"``: two groups of dots (left / right half), asks for their sum; ``style="digits"``: an
     expression such as "3 + 4" written large, asks for its value. Options: ``style``, ``ops`` ("+", any
@@ -305,6 +309,38 @@ def _arith_render(scene: dict[str, Any], size: int, o: dict[str, Any], rng: rand
     return img
 
 
+# ----------------------------------------------------------------------------------------- single_shape
+
+
+def _single_check(o: dict[str, Any]) -> None:
+    if o["ask"] not in ("colour", "shape"):
+        raise ValueError(f"option ask={o['ask']!r}; valid: ['colour', 'shape']")
+    _check_int(o, "num_colours", 2, len(PALETTE) - 1)  # black is the outline colour, never a fill
+
+
+def _single_sample(rng: random.Random, o: dict[str, Any]) -> dict[str, Any]:
+    # One object, so the answer depends on the image but not on where to look: the easiest visual
+    # question, and the one a sub-million-parameter model learns in a few hundred steps.
+    colour = rng.choice(list(PALETTE)[: o["num_colours"]])
+    shape = rng.choice(SHAPES)
+    scene = {"colour": colour, "shape": shape, "dx": rng.randint(-3, 3), "dy": rng.randint(-3, 3),
+             "scale": rng.randint(0, 2)}
+    if o["ask"] == "colour":
+        scene.update(question=f"What colour is the {shape}?", answer=colour)
+    else:
+        scene.update(question="What shape is in the image?", answer=shape)
+    return scene
+
+
+def _single_render(scene: dict[str, Any], size: int, o: dict[str, Any], rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (size, size), _WHITE)
+    radius = size * (0.22 + 0.04 * scene["scale"])
+    cx = size / 2 + scene["dx"] * size / 32
+    cy = size / 2 + scene["dy"] * size / 32
+    _draw_shape(ImageDraw.Draw(img), scene["shape"], cx, cy, radius, PALETTE[scene["colour"]])
+    return img
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
@@ -319,6 +355,12 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         {"grid": 2, "num_colours": 4, "shapes": False, "noise": 0.0},
         _board_check, _board_sample, _board_render,
         lambda o: list(SHAPES) if o["shapes"] else list(PALETTE)[: o["num_colours"]],
+    ),
+    "single_shape": SyntheticTask(
+        "single_shape",
+        {"ask": "colour", "num_colours": 4},
+        _single_check, _single_sample, _single_render,
+        lambda o: list(PALETTE)[: o["num_colours"]] if o["ask"] == "colour" else list(SHAPES),
     ),
     "arithmetic": SyntheticTask(
         "arithmetic",
