@@ -53,7 +53,7 @@ def run_sft(model: torch.nn.Module, processor, dataset: VisionDataset, cfg: Cold
     args = SFTConfig(
         output_dir=str(output_dir), max_steps=cfg.steps, learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant_with_warmup" if cfg.warmup_steps else "constant",
-        logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        logging_steps=max(1, cfg.steps // 2), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         bf16=model.dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), max_length=None,
         disable_tqdm=not show_progress, dataloader_num_workers=0, remove_unused_columns=False,
     )

@@ -1,0 +1,165 @@
+"""The ``mmrl`` command.
+
+    mmrl train CONFIG.yaml [key=value ...]   cold start (if configured) → held-out eval → GRPO → eval
+    mmrl sft   CONFIG.yaml [key=value ...]   supervised cold start only; saves a model loadable by path
+    mmrl rewards                            list registered reward functions
+
+This module (and :data:`TASKS`) is the one place that knows about the task packages; it imports
+them by name only when a config asks for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mmrl.config import ConfigError, load_config, load_yaml, to_dict
+
+logger = logging.getLogger("mmrl")
+
+# task name -> module providing SECTION_TYPES, build(cfg) and optionally cold_start(cfg, task)
+TASKS = {"vision": "vision.task"}
+
+
+def _task_module(name: str):
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}")
+    return importlib.import_module(TASKS[name])
+
+
+def _load(config_path: str, overrides: list[str]):
+    raw = load_yaml(config_path)
+    task_name = raw.get("task", "vision")
+    for item in overrides:  # `task=...` on the command line decides the schema too
+        if item.startswith("task="):
+            task_name = item.partition("=")[2]
+    module = _task_module(task_name)
+    cfg = load_config(config_path, overrides, section_types=module.SECTION_TYPES)
+    return cfg, module
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mmrl").setLevel(logging.INFO)
+    for name in ("vision", "image_gen"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _fmt(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate.utils import set_seed
+
+    from mmrl.trainer import Trainer
+
+    cfg, module = _load(args.config, args.overrides)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    task = module.build(cfg)
+    summary: dict[str, float | str] = {"config": args.config}
+    if cfg.resume_from is None and hasattr(module, "cold_start"):
+        sft = module.cold_start(cfg, task, show_progress=cfg.logging.progress_bar)
+        summary.update(sft)
+        if sft:
+            print(f"cold start: {int(sft['sft/steps'])} SFT steps, final loss {sft['sft/final_loss']:.3f}")
+    trainer = Trainer(cfg, task.policy, task.train_dataset, task.eval_dataset)
+    evaluating = task.eval_dataset is not None
+    if evaluating and cfg.eval.before_training:
+        before = trainer.evaluate()
+        summary["accuracy_before"] = before["accuracy"]
+        print(f"held-out {cfg.eval.reward} before RL: {_fmt(before['accuracy'])} "
+              f"({int(before['num_samples'])} samples)")
+    history = trainer.train()
+    if evaluating and cfg.eval.after_training:
+        after = trainer.evaluate()
+        summary["accuracy_after"] = after["accuracy"]
+        line = f"held-out {cfg.eval.reward} after RL:  {_fmt(after['accuracy'])} ({int(after['num_samples'])} samples)"
+        if "accuracy_before" in summary:
+            delta = after["accuracy"] - summary["accuracy_before"]
+            summary["accuracy_gain"] = delta
+            line += f"  [{'+' if delta >= 0 else ''}{100 * delta:.1f} points]"
+        print(line)
+    if history:
+        first = [r["reward"] for r in history[:10] if r.get("reward") is not None]
+        last = [r["reward"] for r in history[-10:] if r.get("reward") is not None]
+        if first and last:
+            summary["reward_first10"] = sum(first) / len(first)
+            summary["reward_last10"] = sum(last) / len(last)
+            print(f"mean training reward: first 10 steps {summary['reward_first10']:.3f} → "
+                  f"last 10 steps {summary['reward_last10']:.3f}")
+    summary["wall_time_s"] = time.perf_counter() - start
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"reward curve: {output_dir / 'reward_curve.png'}   metrics: {output_dir / 'metrics.jsonl'}   "
+          f"time: {summary['wall_time_s']:.0f}s")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from accelerate.utils import set_seed
+
+    cfg, module = _load(args.config, args.overrides)
+    if not hasattr(module, "cold_start"):
+        raise ConfigError(f"task {cfg.task!r} has no supervised cold start")
+    if cfg.cold_start.steps <= 0:
+        raise ConfigError("cold_start.steps must be > 0 for `mmrl sft` (e.g. add cold_start.steps=100)")
+    set_seed(cfg.seed)
+    task = module.build(cfg)
+    cfg.cold_start.save = True
+    metrics = module.cold_start(cfg, task, show_progress=cfg.logging.progress_bar)
+    out = Path(cfg.output_dir) / "sft"
+    print(f"SFT done: final loss {metrics['sft/final_loss']:.3f}; model saved to {out} "
+          f"(use it with model.name_or_path={out})")
+    return 0
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    from mmrl.rewards import available_rewards
+
+    for module in TASKS.values():
+        importlib.import_module(module)
+    print("\n".join(available_rewards()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmrl", description="RL fine-tuning of multimodal models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level from every library")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (("train", cmd_train, "GRPO-family RL training (with optional SFT cold start)"),
+                                ("sft", cmd_sft, "supervised cold start only (TRL SFTTrainer)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML config file, e.g. configs/vision/demo.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 output_dir=runs/x")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("rewards", help="list registered reward functions")
+    p.set_defaults(fn=cmd_rewards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        # Bad input: one clear line, no traceback (run with -v ... or python -m for details).
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mmrl: error: {message}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

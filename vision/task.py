@@ -1,0 +1,51 @@
+"""The vision task as the CLI wires it: config sections, and building policy + datasets from a config.
+
+Used by ``mmrl train`` / ``mmrl sft`` (via :data:`mmrl.cli.TASKS`) and usable from Python::
+
+    from mmrl.config import load_config
+    from vision import task
+    cfg = load_config("configs/vision/demo.yaml", section_types=task.SECTION_TYPES)
+    bundle = task.build(cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmrl.config import TrainConfig
+from vision import rewards as _rewards  # noqa: F401  (registers the vision reward functions)
+from vision.data import VisionDataConfig, VisionDataset, build_datasets
+from vision.modeling import VisionModelConfig, load_model_and_processor
+from vision.policy import VisionPolicy
+from vision.sft import ColdStartConfig, run_sft
+
+logger = logging.getLogger(__name__)
+
+SECTION_TYPES = {"model": VisionModelConfig, "data": VisionDataConfig, "cold_start": ColdStartConfig}
+
+
+@dataclass
+class VisionTask:
+    policy: VisionPolicy
+    train_dataset: VisionDataset
+    eval_dataset: VisionDataset | None
+
+
+def build(cfg: TrainConfig) -> VisionTask:
+    model, processor = load_model_and_processor(cfg.model)
+    train, evaluation = build_datasets(cfg.data)
+    logger.info("model %s (%.2fM parameters); %d training prompts, %s held-out", cfg.model.name_or_path,
+                sum(p.numel() for p in model.parameters()) / 1e6, len(train),
+                len(evaluation) if evaluation is not None else "no")
+    return VisionTask(VisionPolicy(model, processor, cfg.logprob_chunk_size), train, evaluation)
+
+
+def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -> dict[str, float]:
+    """Supervised cold start (TRL SFTTrainer) on the training prompts; no-op when ``cold_start.steps == 0``."""
+    if cfg.cold_start.steps <= 0:
+        return {}
+    policy = task.policy
+    return run_sft(policy.model, policy.processor, task.train_dataset, cfg.cold_start,
+                   Path(cfg.output_dir) / "sft", seed=cfg.seed, show_progress=show_progress)
