@@ -6,7 +6,15 @@ and :class:`mmrl.Trainer`. Tasks live in sibling packages: :mod:`vision` (Qwen-V
 :mod:`image_gen` (autoregressive image generation); they import ``mmrl``, never the reverse.
 """
 
-from mmrl.config import AlgorithmConfig, EvalConfig, LoggingConfig, OptimConfig, RewardConfig, TrainConfig, load_config
+from mmrl.config import (
+    AlgorithmConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    RewardConfig,
+    TrainConfig,
+    load_config,
+)
 from mmrl.policy import Policy, Rollout, SampleInputs, Sampling
 from mmrl.rewards import compute_rewards, get_reward, register_reward
 from mmrl.trainer import Trainer, evaluate_policy

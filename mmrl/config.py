@@ -68,6 +68,7 @@ class EvalConfig:
     after_training: bool = True
     every_steps: int = 0  # 0 = only before/after
     max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples with the training top_p/top_k
     batch_size: int = 32
 
 

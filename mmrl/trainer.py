@@ -34,7 +34,7 @@ from transformers import get_scheduler
 from mmrl import algorithms
 from mmrl.checkpoint import CHECKPOINT_PREFIX, load_model_weights, load_training_state, save_training_state
 from mmrl.config import TrainConfig, to_dict
-from mmrl.data import PromptSampler
+from mmrl.data import BadSample, PromptSampler
 from mmrl.logger import MetricsLogger, plot_reward_curve
 from mmrl.policy import Policy, Rollout, Sampling
 from mmrl.rewards import RewardFn, compute_rewards, get_reward, reward_name
@@ -294,16 +294,18 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset: Sequence[dict] | None = None, reward: str | Callable | None = None,
                  max_samples: int | None = None) -> dict[str, float]:
-        """Greedy-decode one completion per record and average ``reward`` (default ``eval.reward``).
-
-        A missing reward counts as 0 (wrong) and is reported in ``missing``."""
+        """One completion per record (greedy unless ``eval.temperature > 0``), averaged ``reward``
+        (default ``eval.reward``). A missing reward counts as 0 (wrong) and is reported in ``missing``."""
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("no evaluation dataset: pass one to evaluate() or to the Trainer")
+        cfg = self.config
+        sampling = Sampling(temperature=cfg.eval.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
+                            max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens)
         return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset,
-                               reward if reward is not None else self.config.eval.reward, self.config.sampling,
-                               batch_size=self.config.eval.batch_size, max_new_tokens=self.config.eval.max_new_tokens,
-                               max_samples=max_samples, show_progress=self.config.logging.progress_bar)
+                               reward if reward is not None else cfg.eval.reward, sampling,
+                               batch_size=cfg.eval.batch_size, max_samples=max_samples,
+                               show_progress=cfg.logging.progress_bar)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -331,14 +333,11 @@ class Trainer:
 
 
 def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[dict], reward: str | Callable,
-                    sampling: Sampling, batch_size: int = 32, max_new_tokens: int | None = None,
-                    max_samples: int | None = None, show_progress: bool = True) -> dict[str, float]:
-    """Mean of ``reward`` over greedy completions (one per record) of ``dataset``."""
-    from mmrl.data import BadSample
-
+                    sampling: Sampling, batch_size: int = 32, max_samples: int | None = None,
+                    show_progress: bool = True) -> dict[str, float]:
+    """Mean of ``reward`` over one completion per record of ``dataset``, sampled with ``sampling``
+    (``temperature=0`` for greedy). A record that fails to load counts as wrong and is reported."""
     fn = get_reward(reward)
-    greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0,
-                      max_new_tokens=max_new_tokens or sampling.max_new_tokens)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     scores: list[float] = []
     errors = 0
@@ -354,7 +353,7 @@ def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[di
                 logger.warning("evaluation sample %d could not be loaded: %s", i, exc)
         if not records:
             continue
-        rollout = policy.generate(model, records, 1, greedy)
+        rollout = policy.generate(model, records, 1, sampling)
         out = compute_rewards([fn], [1.0], rollout.prompts, policy.decode(rollout), rollout.columns)
         scores.extend(out.per_function[:, 0].tolist())
     model.train(was_training)

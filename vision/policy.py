@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from mmrl.ops import token_logprobs
-from mmrl.policy import Rollout, Sampling, SampleInputs
+from mmrl.policy import Rollout, SampleInputs, Sampling
 from vision.modeling import resize_image
 
 Tensor = torch.Tensor
