@@ -218,3 +218,47 @@ def sampled_token_entropy(logp: Tensor, mask: Tensor) -> Tensor:
 
     Cheap (needs no full distribution) and what PAPO's double-entropy terms use."""
     return masked_mean(-logp, mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# PAPO: implicit perception loss (Wang et al., 2025)
+# --------------------------------------------------------------------------------------------------
+
+PERCEPTION_LOG_RATIO_CLAMP = 20.0
+PERCEPTION_KL_MAX = 10.0
+
+
+def perception_kl(logp: Tensor, masked_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(π(·|q, I) ‖ π(·|q, I_masked)) from tokens sampled with the real image.
+
+    As in PAPO's official code, computed in fp32 on the clamped log-ratio x = clamp(masked_logp − logp, ±20),
+    and the estimate clamped to ≤ 10: k1 = −x, k2 = x²/2, k3 = eˣ − x − 1 (the default: every published
+    PAPO run uses k3, though the official config dataclass defaults to k1).
+    """
+    x = (masked_logp.float() - logp.float()).clamp(-PERCEPTION_LOG_RATIO_CLAMP, PERCEPTION_LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        kl = -x
+    elif estimator == "k2":
+        kl = 0.5 * x**2
+    elif estimator == "k3":
+        kl = torch.exp(x) - x - 1.0
+    else:
+        raise ValueError(f"unknown perception KL estimator {estimator!r}; valid: ['k1', 'k2', 'k3']")
+    return kl.clamp(max=PERCEPTION_KL_MAX)
+
+
+GAMMA_SCHEDULES = ("constant", "linear")
+
+
+def scheduled_weight(base: float, step: int, total_steps: int, schedule: str = "constant",
+                     anneal_fraction: float = 1.0) -> float:
+    """A loss weight at ``step`` (0-based): ``constant``, or ``linear`` decay from ``base`` to 0 reached at
+    ``anneal_fraction * total_steps`` and held at 0 after (PAPO's γ annealing)."""
+    if schedule == "constant":
+        return base
+    if schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(GAMMA_SCHEDULES)}")
+    if not 0.0 < anneal_fraction <= 1.0:
+        raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
+    horizon = max(1.0, anneal_fraction * total_steps)
+    return base * max(0.0, 1.0 - step / horizon)

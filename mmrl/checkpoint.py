@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
     model/              the policy's own export (e.g. config + model.safetensors + processor): loadable by path
     optimizer.pt        optimizer state
     scheduler.pt        LR scheduler state
-    rng.pt              Python, NumPy, torch (CPU and CUDA) RNG states and the trainer's generator
+    rng.pt              Python, NumPy, torch (CPU and CUDA) RNG states and the trainer's generators
     trainer_state.json  step, data position (epoch, index), metrics history
 """
 
@@ -23,42 +23,44 @@ from safetensors.torch import load_file
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    for name, generator in generators.items():
+        if name in state["generators"]:
+            generator.set_state(state["generators"][name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path: Path, optimizer, scheduler, generator: torch.Generator, state: dict) -> None:
+def save_training_state(path: Path, optimizer, scheduler, generators: dict[str, torch.Generator], state: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     torch.save(optimizer.state_dict(), path / "optimizer.pt")
     torch.save(scheduler.state_dict(), path / "scheduler.pt")
-    torch.save(rng_state(generator), path / "rng.pt")
+    torch.save(rng_state(generators), path / "rng.pt")
     (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
 
-def load_training_state(path: Path, optimizer, scheduler, generator: torch.Generator) -> dict:
+def load_training_state(path: Path, optimizer, scheduler, generators: dict[str, torch.Generator]) -> dict:
     missing = [n for n in ("optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json") if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete mmrl checkpoint: missing {missing}")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False), generator)
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False), generators)
     return json.loads((path / "trainer_state.json").read_text())
 
 

@@ -43,6 +43,22 @@ class AlgorithmConfig:
 
 
 @dataclass
+class PAPOConfig:
+    """PAPO's implicit perception loss: loss = policy loss + β·KL_ref − γ·KL_prcp + η₁·H_orig + η₂·H_mask."""
+
+    enabled: bool = False
+    gamma: float = 0.02  # paper: 0.02 (GRPO, 3B), 0.01 with DAPO or without KL_ref; >= 0.04 collapses
+    gamma_schedule: str = "constant"  # constant | linear (anneal to 0)
+    anneal_fraction: float = 1.0  # linear: γ reaches 0 after this fraction of max_steps
+    kl_estimator: str = "k3"  # k3 (every published run; our default) | k1 (official dataclass default) | k2
+    kl_token_clip: float | None = None  # optional upper clip of the per-token perception KL in the loss
+    masked_grad: bool = False  # False (paper): masked log-probs from a no-grad forward; True: with gradient
+    eta_orig: float = 0.0  # η₁: double-entropy weight, sampled-token entropy under the original image
+    eta_mask: float = 0.0  # η₂: under the masked image (has a gradient only with masked_grad: true)
+    monitor_window: int = 10  # steps per window for the KL-hacking warnings
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -95,13 +111,36 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    papo: PAPOConfig = field(default_factory=PAPOConfig)
+    preset: str | None = None  # a named set of defaults (mmrl.config.PRESETS) under this file's values
     # Task-typed sections; their dataclasses come from the task (see module docstring).
     model: Any = None
     data: Any = None
     cold_start: Any = None
+    masking: Any = None  # how a task builds the counterfactual (e.g. masked-image) view for PAPO
 
 
-TASK_SECTIONS = ("model", "data", "cold_start")
+TASK_SECTIONS = ("model", "data", "cold_start", "masking")
+
+# Named defaults (``preset: NAME``): the algorithm settings of a paper, under whatever the file sets.
+PRESETS: dict[str, dict] = {
+    "grpo": {"algorithm": {"loss_type": "grpo", "adv_scale": "group", "epsilon": 0.2}},
+    "dapo": {"algorithm": {"loss_type": "dapo", "adv_scale": "group", "epsilon": 0.2, "epsilon_high": 0.28,
+                           "beta": 0.0}},
+    "dr_grpo": {"algorithm": {"loss_type": "dr_grpo", "adv_scale": "none"}},
+    # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6.
+    "papo_grpo": {
+        "group_size": 5, "sampling": {"temperature": 1.0, "top_p": 0.99}, "optim": {"lr": 1e-6},
+        "algorithm": {"loss_type": "grpo", "epsilon": 0.2, "epsilon_high": 0.3, "beta": 0.01, "kl_estimator": "k3"},
+        "papo": {"enabled": True, "gamma": 0.02, "kl_estimator": "k3"},
+    },
+    # PAPO on DAPO: no KL_ref, clip 0.2/0.28, token-level loss, γ 0.01.
+    "papo_dapo": {
+        "group_size": 5, "sampling": {"temperature": 1.0, "top_p": 0.99}, "optim": {"lr": 1e-6},
+        "algorithm": {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0},
+        "papo": {"enabled": True, "gamma": 0.01, "kl_estimator": "k3"},
+    },
+}
 
 # --------------------------------------------------------------------------------------------------
 # Generic loading
@@ -240,7 +279,22 @@ def load_config(
     """Load a :class:`TrainConfig` from YAML plus overrides; task sections typed by ``section_types``."""
     raw = load_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
+    preset = raw.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown preset {preset!r}.{hint} Valid presets: {sorted(PRESETS)}")
+        raw = merge_dicts(PRESETS[preset], raw)
     return from_dict(TrainConfig, raw, section_types=section_types)
+
+
+def merge_dicts(base: dict, top: dict) -> dict:
+    """Deep merge: values of ``top`` win, nested mappings are merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(config: Any) -> Any:

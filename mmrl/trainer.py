@@ -36,6 +36,7 @@ from mmrl.checkpoint import CHECKPOINT_PREFIX, load_model_weights, load_training
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import BadSample, PromptSampler
 from mmrl.logger import MetricsLogger, plot_reward_curve
+from mmrl.perception import CollapseMonitor, MaskedViewPolicy, perception_term
 from mmrl.policy import Policy, Rollout, Sampling
 from mmrl.rewards import RewardFn, compute_rewards, get_reward, reward_name
 
@@ -71,6 +72,11 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
         set_seed(cfg.seed + self.accelerator.process_index)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
+        # PAPO's masks: their own stream, so turning PAPO on does not change the mini-batch order.
+        self.mask_generator = torch.Generator().manual_seed(cfg.seed + 7919 * (1 + self.accelerator.process_index))
+        self.collapse_monitor = CollapseMonitor(cfg.papo.monitor_window) if cfg.papo.enabled else None
+        if cfg.papo.enabled and not isinstance(policy, MaskedViewPolicy):
+            raise ValueError(f"papo.enabled needs a policy with a masked_view() method; {type(policy).__name__} has none")
 
         self.policy = policy
         if reward_funcs is None:
@@ -165,17 +171,27 @@ class Trainer:
             # yet when it is scored, so old_logp = logp.detach() and this pass is skipped (as in TRL).
             old_logp = self._score(self.model, rollout) if self.updates_per_step > 1 else None
             ref_logp = self._score(self.ref_model, rollout) if self.ref_model is not None else None
+            # PAPO: the same completions under masked inputs, one mask per prompt shared by its group.
+            masked = self.policy.masked_view(rollout, self.mask_generator) if cfg.papo.enabled else None
 
             # 5. optimisation
             self.model.train()
             rollout_metrics = self._rollout_metrics(rollout, rewards, completions)
             rollout_metrics["timing/generate_s"] = gen_time
+            if masked is not None:
+                rollout_metrics["papo/samples_without_view"] = float((~masked[1]).sum())
             for _ in range(cfg.algorithm.ppo_epochs):
                 order = torch.randperm(rollout.batch_size, generator=self.generator)
                 for index in order.split(self.mini_batch_size):
-                    update_metrics = self._update(rollout.select(index), advantages[index.to(acc.device)],
-                                                  None if old_logp is None else old_logp[index.to(acc.device)],
-                                                  None if ref_logp is None else ref_logp[index.to(acc.device)])
+                    dev_index = index.to(acc.device)
+                    update_metrics = self._update(
+                        rollout.select(index), advantages[dev_index],
+                        None if old_logp is None else old_logp[dev_index],
+                        None if ref_logp is None else ref_logp[dev_index],
+                        None if masked is None else (masked[0].select(index), masked[1][index]))
+                    if self.collapse_monitor is not None:
+                        self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
+                                                     update_metrics["papo/entropy_masked"], self.global_step)
                     self.global_step += 1
                     step_time = time.perf_counter() - start
                     self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
@@ -210,10 +226,12 @@ class Trainer:
         parts = [self.policy.log_probs(model, rollout.select(i))[0] for i in self._micro_batches(rollout)]
         return torch.cat(parts).detach()
 
-    def _update(self, batch: Rollout, advantages: Tensor, old_logp: Tensor | None,
-                ref_logp: Tensor | None) -> dict[str, float]:
+    def _update(self, batch: Rollout, advantages: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None,
+                masked: tuple[Rollout, Tensor] | None = None) -> dict[str, float]:
         """One optimizer update on a mini-batch, accumulating gradients over micro-batches."""
-        cfg, alg, acc = self.config, self.config.algorithm, self.accelerator
+        cfg, alg, acc, papo = self.config, self.config.algorithm, self.accelerator, self.config.papo
+        gamma = algorithms.scheduled_weight(papo.gamma, self.rollout_step, cfg.max_steps, papo.gamma_schedule,
+                                            papo.anneal_fraction)
         mask_all = batch.completion_mask.to(acc.device)
         micro = self._micro_batches(batch)
         sums: dict[str, float] = {}
@@ -234,6 +252,15 @@ class Trainer:
                     loss = loss + alg.beta * algorithms.aggregate_loss(kl, mask, alg.loss_type, cfg.sampling.max_new_tokens)
                     metrics["kl"] = algorithms.masked_mean(kl.detach(), mask)
                 metrics["entropy"] = algorithms.masked_mean(entropy, mask)
+                if masked is not None:
+                    # One batched extra forward per micro-batch (no gradient unless papo.masked_grad).
+                    with contextlib.nullcontext() if papo.masked_grad else torch.no_grad():
+                        masked_logp, _ = self.policy.log_probs(self.model, masked[0].select(index))
+                    term, papo_metrics = perception_term(logp, masked_logp, mask, masked[1][index].to(acc.device), papo,
+                                                         gamma, alg.loss_type, cfg.sampling.max_new_tokens)
+                    loss = loss + term
+                    metrics.update(papo_metrics)
+                    metrics["papo/gamma"] = torch.tensor(gamma)
                 weight = algorithms.micro_batch_weight(alg.loss_type, mask, mask_all, len(micro))
                 acc.backward(loss * weight)
             for key, value in metrics.items():
@@ -317,15 +344,18 @@ class Trainer:
         self.policy.save_pretrained(self.accelerator.unwrap_model(self.model), str(path / "model"))
         state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
                  "sampler": self.sampler.state_dict()}
-        save_training_state(path, self.optimizer, self.scheduler, self.generator, state)
+        save_training_state(path, self.optimizer, self.scheduler, self._generators(), state)
         logger.info("saved checkpoint to %s", path)
         return path
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"minibatch": self.generator, "mask": self.mask_generator}
 
     def _resume(self, path: Path) -> None:
         if not path.is_dir():
             raise FileNotFoundError(f"resume_from={str(path)!r} is not a directory")
         load_model_weights(self.accelerator.unwrap_model(self.model), path / "model")
-        state = load_training_state(path, self.optimizer, self.scheduler, self.generator)
+        state = load_training_state(path, self.optimizer, self.scheduler, self._generators())
         self.rollout_step = state["rollout_step"]
         self.global_step = state["global_step"]
         self.sampler.load_state_dict(state["sampler"])

@@ -8,11 +8,16 @@ slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits
 
 from __future__ import annotations
 
+from dataclasses import replace
+from io import BytesIO
+
 import torch
+from PIL import Image
 from transformers import GenerationConfig
 
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling
+from vision.masking import MaskingConfig, mask_images
 from vision.modeling import resize_image
 
 Tensor = torch.Tensor
@@ -31,9 +36,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class VisionPolicy:
     """Samples and scores text completions of a Qwen-VL model for image+text prompts."""
 
-    def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024,
+                 masking: MaskingConfig | None = None):
         self.model = model
         self.processor = processor
+        self.masking = masking or MaskingConfig()  # PAPO's masked view (used only when PAPO is on)
         self.tokenizer = processor.tokenizer
         self.logprob_chunk_size = logprob_chunk_size
         image_processor = processor.image_processor
@@ -66,7 +73,8 @@ class VisionPolicy:
             counts.append(len(record_images))
         batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         tensors = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-        lists: dict[str, list] = {}
+        # The raw images stay with the rollout (references, not copies): PAPO masks them before resizing.
+        lists: dict[str, list] = {"raw_images": [list(record.get("images") or []) for record in records]}
         if images:
             # pixel_values stacks every image's patches; split it back into per-record chunks.
             grids = batch["image_grid_thw"]
@@ -80,6 +88,23 @@ class VisionPolicy:
                 lists["image_grid_thw"].append(per_image_grids[start:start + count])
                 start += count
         return SampleInputs(tensors=tensors, lists=lists)
+
+    def _pixel_chunks(self, images_per_record: list[list[Image.Image]]) -> tuple[list, list]:
+        """Image-processor output for several records' images in one call, split per record."""
+        flat = [resize_image(im, self.min_pixels, self.max_pixels, self.size_factor)
+                for images in images_per_record for im in images]
+        if not flat:
+            return [[] for _ in images_per_record], [[] for _ in images_per_record]
+        out = self.processor.image_processor(images=flat, return_tensors="pt")
+        grids = out["image_grid_thw"]
+        pixels = list(out["pixel_values"].split(grids.prod(dim=1).tolist()))
+        grid_list = list(grids.split(1))
+        pixel_chunks, grid_chunks, start = [], [], 0
+        for images in images_per_record:
+            pixel_chunks.append(pixels[start:start + len(images)])
+            grid_chunks.append(grid_list[start:start + len(images)])
+            start += len(images)
+        return pixel_chunks, grid_chunks
 
     def _model_inputs(self, inputs: SampleInputs, device: torch.device) -> dict[str, Tensor]:
         out = {k: v.to(device) for k, v in inputs.tensors.items()}
@@ -148,6 +173,36 @@ class VisionPolicy:
         return token_logprobs(hidden, completion_ids, head, temperature=rollout.temperature,
                               chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
 
+    def masked_view(self, rollout: Rollout, generator: torch.Generator) -> tuple[Rollout, Tensor]:
+        """PAPO's counterfactual: every image masked (``self.masking``), one mask per prompt shared by its
+        group, prompt tokens unchanged (a masked image has the size of the original, hence the same image
+        tokens). Returns the masked rollout and which samples have images at all."""
+        group = rollout.group_size
+        raw = rollout.inputs.lists["raw_images"]
+        firsts = range(0, rollout.batch_size, group)
+        masked_per_prompt = []
+        for i in firsts:  # masks are drawn per prompt (a handful per step), the heavy work is batched below
+            precomputed = None
+            if self.masking.strategy == "column":
+                if self.masking.column not in rollout.columns:
+                    raise ValueError(f"masking.strategy 'column' needs dataset column {self.masking.column!r}; "
+                                     f"columns present: {sorted(rollout.columns)}")
+                precomputed = [_as_image(x) for x in _as_list(rollout.columns[self.masking.column][i])]
+            masked_per_prompt.append(mask_images(raw[i], self.masking, generator, precomputed) if raw[i] else [])
+        pixel_chunks, grid_chunks = self._pixel_chunks(masked_per_prompt)
+        for i, grids in zip(firsts, grid_chunks):
+            original = rollout.inputs.lists["image_grid_thw"][i] if raw[i] else []
+            if any(not torch.equal(a, b) for a, b in zip(grids, original)):
+                raise ValueError("a masked image was sized differently from its original (a precomputed masked "
+                                 "image must have the original image's size)")
+        repeat = [p for p in range(len(masked_per_prompt)) for _ in range(group)]
+        lists = dict(rollout.inputs.lists)
+        if "pixel_values" in lists:
+            lists["pixel_values"] = [pixel_chunks[p] for p in repeat]
+        inputs = SampleInputs(tensors=rollout.inputs.tensors, lists=lists)
+        has_view = torch.tensor([len(images) > 0 for images in raw], dtype=torch.bool)
+        return replace(rollout, inputs=inputs), has_view
+
     def decode(self, rollout: Rollout) -> list[str]:
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.pad_token_id)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -155,3 +210,20 @@ class VisionPolicy:
     def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
         _unwrap(model).save_pretrained(path)
         self.processor.save_pretrained(path)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _as_image(value) -> Image.Image:
+    """A precomputed masked image from a dataset column: PIL, a path, raw bytes or an HF image dict."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        return Image.open(BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        return Image.open(value).convert("RGB")
+    raise TypeError(f"cannot read a masked image from a {type(value).__name__}")

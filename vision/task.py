@@ -17,13 +17,15 @@ from pathlib import Path
 from mmrl.config import TrainConfig
 from vision import rewards as _rewards  # noqa: F401  (registers the vision reward functions)
 from vision.data import VisionDataConfig, VisionDataset, build_datasets
+from vision.masking import MaskingConfig
 from vision.modeling import VisionModelConfig, load_model_and_processor
 from vision.policy import VisionPolicy
 from vision.sft import ColdStartConfig, run_sft
 
 logger = logging.getLogger(__name__)
 
-SECTION_TYPES = {"model": VisionModelConfig, "data": VisionDataConfig, "cold_start": ColdStartConfig}
+SECTION_TYPES = {"model": VisionModelConfig, "data": VisionDataConfig, "cold_start": ColdStartConfig,
+                 "masking": MaskingConfig}
 
 
 @dataclass
@@ -39,7 +41,8 @@ def build(cfg: TrainConfig) -> VisionTask:
     logger.info("model %s (%.2fM parameters); %d training prompts, %s held-out", cfg.model.name_or_path,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(train),
                 len(evaluation) if evaluation is not None else "no")
-    return VisionTask(VisionPolicy(model, processor, cfg.logprob_chunk_size), train, evaluation)
+    policy = VisionPolicy(model, processor, cfg.logprob_chunk_size, masking=cfg.masking)
+    return VisionTask(policy, train, evaluation)
 
 
 def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -> dict[str, float]:
