@@ -30,6 +30,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen3VLProcessor,
 )
+from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,23 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 28
     return h, w
 
 
+def set_pixel_bounds(image_processor, min_pixels: int, max_pixels: int) -> None:
+    """One sizing rule everywhere: the image processor's bounds follow the config. transformers 5 reads
+    them from ``size`` (shortest_edge = min pixels, longest_edge = max pixels); the old ``min_pixels`` /
+    ``max_pixels`` attributes are deprecated and cleared so they cannot override it."""
+    if min_pixels > max_pixels:
+        raise ValueError(f"model.min_pixels={min_pixels} is larger than model.max_pixels={max_pixels}")
+    image_processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
+    image_processor.min_pixels = image_processor.max_pixels = None
+
+
+def pixel_bounds(image_processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the image processor resizes to."""
+    size = image_processor.size
+    low, high = size["shortest_edge"], size["longest_edge"]
+    return (getattr(image_processor, "min_pixels", None) or low, getattr(image_processor, "max_pixels", None) or high)
+
+
 def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = 28) -> Image.Image:
     h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
     if (h, w) == (image.height, image.width):
@@ -147,7 +165,7 @@ def build_tiny_model(name: str, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 256,
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 256},
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = build_processor("qwen2_5_vl", tokenizer, image_processor)
     return model, processor
@@ -189,9 +207,7 @@ def load_model_and_processor(cfg: VisionModelConfig):
         image_processor = AutoImageProcessor.from_pretrained(source)
         processor = build_processor(config.model_type, tokenizer, image_processor)
     model = model.to(_resolve_dtype(cfg.dtype))
-    image_processor = processor.image_processor
-    # One sizing rule everywhere: the image processor's bounds follow the config.
-    image_processor.min_pixels, image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+    set_pixel_bounds(processor.image_processor, cfg.min_pixels, cfg.max_pixels)
     if cfg.freeze_vision_tower:
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is None:

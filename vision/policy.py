@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling
 from vision.masking import MaskingConfig, mask_images
-from vision.modeling import resize_image
+from vision.modeling import pixel_bounds, resize_image
 
 Tensor = torch.Tensor
 
@@ -44,8 +44,7 @@ class VisionPolicy:
         self.tokenizer = processor.tokenizer
         self.logprob_chunk_size = logprob_chunk_size
         image_processor = processor.image_processor
-        self.min_pixels = image_processor.min_pixels
-        self.max_pixels = image_processor.max_pixels
+        self.min_pixels, self.max_pixels = pixel_bounds(image_processor)
         # Qwen2/2.5-VL: 14-px patches merged 2×2 → 28-px tokens; Qwen3-VL: 16-px patches → 32.
         self.size_factor = image_processor.patch_size * image_processor.merge_size
         eos = {self.tokenizer.eos_token_id}

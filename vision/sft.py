@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 
 from vision.data import VisionDataset, to_sft_rows
-from vision.modeling import resize_image
+from vision.modeling import pixel_bounds, resize_image
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run_sft(model: torch.nn.Module, processor, dataset: VisionDataset, cfg: Cold
     # Same image sizing as the RL policy, so SFT and RL see identical inputs.
     data = Dataset.from_list([
         {"prompt": row["messages"][:-1], "completion": row["messages"][-1:],
-         "images": [resize_image(im, image_processor.min_pixels, image_processor.max_pixels, factor)
+         "images": [resize_image(im, *pixel_bounds(image_processor), factor)
                     for im in row["images"]]}
         for row in rows])
     args = SFTConfig(
