@@ -20,6 +20,7 @@ raises immediately.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import logging
 import math
@@ -60,13 +61,22 @@ def _load_from_file(spec: str) -> RewardFn:
     path = Path(path_str)
     if not path.is_file():
         raise FileNotFoundError(f"reward file {path_str!r} (from {spec!r}) does not exist")
-    module_name = f"mmrl_user_reward_{abs(hash(path.resolve()))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ImportError(f"cannot import reward file {path_str!r}")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    # One module per file, executed once: a file that registers rewards (or holds several functions named
+    # in one config) must not be re-run, or its registrations would collide.
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    module_name = f"mmrl_user_reward_{digest}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot import reward file {path_str!r}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]

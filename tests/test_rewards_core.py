@@ -219,3 +219,23 @@ def test_file_without_the_function(tmp_path):
 def test_missing_reward_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.py"):
         get_reward(f"{tmp_path / 'nowhere.py'}:fn")
+
+
+def test_two_functions_from_one_registering_file(tmp_path):
+    """A reward file is executed once, so a file that registers rewards can be named twice in a config."""
+    from mmrl import rewards as rewards_module
+
+    name = f"registered_in_file_{tmp_path.name}"
+    path = tmp_path / "my_rewards.py"
+    path.write_text(
+        "from mmrl.rewards import register_reward\n"
+        f"@register_reward({name!r})\n"
+        "def first(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+        "def second(prompts, completions, **kw):\n    return [2.0] * len(completions)\n")
+    try:
+        first = get_reward(f"{path}:first")
+        second = get_reward(f"{path}:second")
+        assert first(["p"], ["c"]) == [1.0] and second(["p"], ["c"]) == [2.0]
+        assert get_reward(name) is first
+    finally:
+        rewards_module._REGISTRY.pop(name, None)
