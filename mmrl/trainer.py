@@ -96,6 +96,11 @@ class Trainer:
         self.ref_model = None
         if cfg.algorithm.beta > 0:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            if "forward" in model.__dict__:
+                # An instance-level forward (a wrapper some libraries install) is copied as a closure over the
+                # *policy*; the copy would silently score with the live weights. Use the class's forward.
+                logger.warning("the model has an instance-level forward wrapper; the reference model drops it")
+                del self.ref_model.forward
             self.ref_model.to(self.accelerator.device)
 
         params = [p for p in model.parameters() if p.requires_grad]

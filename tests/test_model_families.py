@@ -8,8 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mmrl.policy import Sampling

@@ -349,3 +349,13 @@ def test_r1_default_boxed_values():
     out = call(vr.r1_default_boxed, R1_COMPLETIONS, answer=R1_GOLDS)
     assert out[:4] == pytest.approx([0.9, 1.0, 0.0, 0.0])
     assert out[4] is None
+
+
+def test_words_are_not_compared_as_algebra():
+    """math-verify reads a word as a product of symbols ("blue" = b·l·u·e = "lube"); words must match as words."""
+    from vision.rewards import answers_match
+
+    assert not answers_match("lube", "blue")
+    assert not answers_match("<answer>der</answer>", "red")
+    assert answers_match("Blue.", "blue")
+    assert answers_match("x + 1", "1 + x")  # expressions still go through math-verify

@@ -136,8 +136,8 @@ class VisionPolicy:
         completion_ids = sequences[:, prompt_length:].cpu()
         completion_mask, truncated = self._completion_mask(completion_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
-        columns = {key: [records[i].get(key) for i in repeat.tolist()]
-                   for key in records[0] if key not in INPUT_KEYS}
+        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)  # union, in order
+        columns = {key: [records[i].get(key) for i in repeat.tolist()] for key in keys}
         return Rollout(completion_ids=completion_ids, completion_mask=completion_mask, inputs=inputs,
                        prompts=[records[i]["prompt"] for i in repeat.tolist()], columns=columns,
                        group_size=group_size, truncated=truncated,

@@ -188,6 +188,9 @@ def normalize_answer(text: str) -> str:
     return text.lower()
 
 
+_PLAIN_WORDS_RE = re.compile(r"[a-z]+(?: [a-z]+)*")
+
+
 def _latex_wrap(text: str) -> str:
     # math-verify's LaTeX extraction is anchored on $...$ / \(...\) / \boxed; bare text gets wrapped.
     if "$" in text or "\\(" in text or "\\[" in text or "\\boxed" in text:
@@ -203,9 +206,13 @@ def answers_match(prediction: str, gold: str, timeout_seconds: int | None = MATH
     ``compute_rewards`` may call rewards from a worker thread, so there the signal timeouts are turned
     off (``None``) and the bound on run time is ``compute_rewards``' own per-function timeout.
     """
-    if normalize_answer(prediction) == normalize_answer(gold):
+    pred_norm, gold_norm = normalize_answer(prediction), normalize_answer(gold)
+    if pred_norm == gold_norm:
         return True
     if not prediction.strip():
+        return False
+    if _PLAIN_WORDS_RE.fullmatch(pred_norm) and _PLAIN_WORDS_RE.fullmatch(gold_norm):
+        # Words are not maths: math-verify reads "blue" as the product b·l·u·e and would accept "lube".
         return False
     if threading.current_thread() is not threading.main_thread():
         timeout_seconds = None

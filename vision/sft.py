@@ -59,6 +59,9 @@ def run_sft(model: torch.nn.Module, processor, dataset: VisionDataset, cfg: Cold
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor)
     result = trainer.train()
+    # TRL/accelerate may leave an instance-level `forward` wrapper on the model that closes over *this*
+    # object; a deepcopy (e.g. the RL reference model) would then still run the policy's live weights.
+    model.__dict__.pop("forward", None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if cfg.save:
         model.save_pretrained(output_dir)
