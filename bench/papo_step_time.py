@@ -29,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_trainer(papo: bool, base, out_dir: str) -> Trainer:
     cfg = load_config(ROOT / "configs/vision/papo_grpo_tiny.yaml", [
-        f"output_dir={out_dir}", f"papo.enabled={str(papo).lower()}", "max_steps=0", "save_final=false",
+        f"output_dir={out_dir}", f"papo.enabled={str(papo).lower()}", "max_steps=1", "save_final=false",
         "logging.progress_bar=false", "logging.report_to=[jsonl]", "cold_start.steps=0"],
         section_types=vision_task.SECTION_TYPES)
     task = vision_task.build(cfg)
     task.policy.model.load_state_dict(base.state_dict())  # identical starting weights
-    return Trainer(cfg, task.policy, task.train_dataset)
+    trainer = Trainer(cfg, task.policy, task.train_dataset)
+    trainer.config.max_steps = 0  # one_step() raises it by one per call
+    return trainer
 
 
 def one_step(trainer: Trainer) -> float:
