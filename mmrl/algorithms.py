@@ -213,6 +213,20 @@ def policy_loss(
     return loss, metrics
 
 
+def group_token_diversity(ids: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """Mean, over pairs of samples of the same group, of the fraction of positions where their tokens
+    differ (positions valid in both). 0 means every group sampled identical sequences: mode collapse.
+    Returns one value per group ``[P]``."""
+    b, t = ids.shape
+    ids, valid = ids.view(-1, group_size, t), mask.view(-1, group_size, t).bool()
+    both = valid.unsqueeze(2) & valid.unsqueeze(1)  # [P, G, G, T]
+    differ = (ids.unsqueeze(2) != ids.unsqueeze(1)) & both
+    frac = differ.sum(-1).float() / both.sum(-1).clamp(min=1).float()  # [P, G, G]
+    off_diagonal = ~torch.eye(group_size, dtype=torch.bool, device=ids.device)
+    pairs = max(group_size * (group_size - 1), 1)
+    return (frac * off_diagonal).sum((1, 2)) / pairs
+
+
 def sampled_token_entropy(logp: Tensor, mask: Tensor) -> Tensor:
     """Entropy estimated from the sampled tokens alone: mean of −logp over valid tokens (a scalar).
 

@@ -23,7 +23,7 @@ from mmrl.config import ConfigError, load_config, load_yaml, to_dict
 logger = logging.getLogger("mmrl")
 
 # task name -> module providing SECTION_TYPES, build(cfg) and optionally cold_start(cfg, task)
-TASKS = {"vision": "vision.task"}
+TASKS = {"vision": "vision.task", "image_gen": "image_gen.task"}
 
 
 def _task_module(name: str):
@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if sft:
             print(f"cold start: {int(sft['sft/steps'])} SFT steps, final loss {sft['sft/final_loss']:.3f}")
     trainer = Trainer(cfg, task.policy, task.train_dataset, task.eval_dataset)
+    if hasattr(module, "save_samples"):  # tasks whose outputs are better looked at than read
+        print(f"samples before RL: {module.save_samples(cfg, task, output_dir / 'samples_before.png')}")
     evaluating = task.eval_dataset is not None
     if evaluating and cfg.eval.before_training:
         before = trainer.evaluate()
@@ -90,6 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary["accuracy_gain"] = delta
             line += f"  [{'+' if delta >= 0 else ''}{100 * delta:.1f} points]"
         print(line)
+    if hasattr(module, "save_samples"):
+        print(f"samples after RL:  {module.save_samples(cfg, task, output_dir / 'samples_after.png')}")
     if history:
         first = [r["reward"] for r in history[:10] if r.get("reward") is not None]
         last = [r["reward"] for r in history[-10:] if r.get("reward") is not None]

@@ -294,6 +294,9 @@ class Trainer:
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(rollout.truncated.float().mean()),
             "completions/total_tokens": float(lengths.sum()),
+            # Token-level diversity within each group: falling towards 0 shows collapse at a glance.
+            "completions/group_diversity": float(algorithms.group_token_diversity(
+                rollout.completion_ids, rollout.completion_mask, rollout.group_size).mean()),
             "reward_missing_frac": float((~valid).float().mean()),
             "skipped_samples": float(self.sampler.skipped),
         }

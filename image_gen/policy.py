@@ -1,0 +1,126 @@
+"""The autoregressive image-generation policy: a LlamaGen-style GPT + a VQ tokenizer behind
+:class:`mmrl.policy.Policy`, so AR-GRPO runs through the same trainer, group sampling and advantages as
+the VLM work.
+
+A "completion" is the sequence of image tokens (h·w of them, always the same length: the mask is all
+ones); :meth:`ARImagePolicy.decode` turns them into images for the reward functions.
+
+``logprob_mode`` — which distribution the policy ratio and KL are computed on:
+
+* ``cond`` (default; AR-GRPO and T2I-R1): the conditional logits only. Tokens were sampled from the
+  *guided* distribution, so this ratio is not exactly on-policy — the choice of the published recipes,
+  kept as default so they can be reproduced.
+* ``cfg``: the guided distribution u + s·(c − u) the tokens were actually sampled from (two forwards per
+  micro-batch, cond and null, batched together): the ratio is on-policy and gradients flow through both
+  branches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from image_gen.sampling import cfg_scales, sample_image_tokens
+from mmrl.ops import token_logprobs
+from mmrl.policy import Rollout, SampleInputs, Sampling
+
+Tensor = torch.Tensor
+LOGPROB_MODES = ("cond", "cfg")
+INPUT_KEYS = ("prompt",)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class ARImagePolicy:
+    """Samples image-token sequences with classifier-free guidance and scores them."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg_scale: float = 2.0,
+                 cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
+                 use_cache: bool = True, logprob_chunk_size: int = 1024):
+        if logprob_mode not in LOGPROB_MODES:
+            raise ValueError(f"logprob_mode={logprob_mode!r}; valid: {list(LOGPROB_MODES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg_scale = cfg_scale
+        self.cfg_interval = tuple(cfg_interval)
+        cfg_scales(1, cfg_scale, self.cfg_interval)  # validates the interval now, not mid-training
+        self.logprob_mode = logprob_mode
+        self.use_cache = use_cache
+        self.logprob_chunk_size = logprob_chunk_size
+        self.num_tokens = model.config.block_size
+
+    def _conditions(self, records: list[dict]) -> Tensor:
+        config = _unwrap(self.model).config
+        if config.model_type != "c2i":
+            raise ValueError("text-conditional (t2i) generation needs caption features; only c2i is wired so far")
+        ids = []
+        for i, record in enumerate(records):
+            class_id = record.get("class_id")
+            if not isinstance(class_id, int) or not 0 <= class_id < config.num_classes:
+                raise ValueError(f"record {i}: class_id={class_id!r} is not a valid class id "
+                                 f"(0..{config.num_classes - 1}); prompt={record.get('prompt')!r}")
+            ids.append(class_id)
+        return torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
+        cond = self._conditions(records)
+        repeat = torch.arange(len(records)).repeat_interleave(group_size)
+        cond = cond[repeat]
+        tokens, logp_cond, logp_cfg = sample_image_tokens(
+            model, cond, self.num_tokens, self.cfg_scale, self.cfg_interval, sampling.temperature, sampling.top_k,
+            sampling.top_p, use_cache=self.use_cache)
+        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
+        tokens = tokens.cpu()
+        return Rollout(
+            completion_ids=tokens, completion_mask=torch.ones_like(tokens), inputs=SampleInputs(tensors={"cond": cond}),
+            prompts=[records[i].get("prompt") for i in repeat.tolist()],
+            columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
+            truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),
+            sampler_logp=(logp_cond if self.logprob_mode == "cond" else logp_cfg).cpu(),
+            temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
+
+    def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        inner = _unwrap(model)
+        device = inner.output.weight.device
+        ids = rollout.completion_ids.to(device)
+        cond = rollout.inputs.tensors["cond"].to(device)
+        batch, length = ids.shape
+        if self.logprob_mode == "cond":
+            hidden = model(ids, cond, return_hidden=True)[:, :length]
+            return token_logprobs(hidden, ids, inner.output, rollout.temperature, self.logprob_chunk_size, with_entropy)
+        # cfg: cond and null rows in one forward; the head mixes the two branches per position, so the
+        # guided logits are also made slice by slice (the scale rides along as one extra feature).
+        both = torch.cat([cond, inner.null_condition(batch, device)])
+        hidden = model(torch.cat([ids, ids]), both, return_hidden=True)[:, :length]
+        scales = cfg_scales(length, self.cfg_scale, self.cfg_interval, device).to(hidden.dtype)
+        packed = torch.cat([hidden[:batch], hidden[batch:], scales.view(1, -1, 1).expand(batch, -1, 1)], dim=-1)
+        width = hidden.shape[-1]
+
+        def guided_head(h: Tensor) -> Tensor:
+            c, u = inner.output(h[:, :width]).float(), inner.output(h[:, width:2 * width]).float()
+            return u + h[:, -1:].float() * (c - u)
+
+        return token_logprobs(packed, ids, guided_head, rollout.temperature, self.logprob_chunk_size, with_entropy)
+
+    @torch.no_grad()
+    def decode(self, rollout: Rollout) -> list[Tensor]:
+        """Images [3, H, W] in [0, 1], one per sample (the tokenizer decodes the whole batch at once)."""
+        images = self.tokenizer.decode(rollout.completion_ids)
+        return list(images.float().cpu())
+
+    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        inner = _unwrap(model)
+        save_model(inner, str(out / "model.safetensors"))
+        (out / "gpt_config.json").write_text(json.dumps(vars(inner.config), indent=1, default=str))
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(out / "vq"))

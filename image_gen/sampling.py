@@ -1,0 +1,97 @@
+"""Classifier-free-guided sampling of image tokens, with and without a KV cache.
+
+Each step runs the batch twice — ``[cond; uncond]`` stacked into one forward — and samples from the
+guided logits ``u + s·(c − u)`` (Ho & Salimans; LlamaGen and AR-GRPO use s = 2.0 in RL rollouts). Guidance
+can be limited to an interval of the token sequence (``cfg_interval``, fractions of the tokens): outside
+it the scale is 1, i.e. plain conditional sampling.
+
+The sampler returns, for every sampled token, its log-prob under the *conditional* distribution and under
+the *guided* distribution (both at the sampling temperature, over the full vocabulary) so the trainer can
+check its own recomputation against them (``logprob_mode`` in :mod:`image_gen.policy`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def cfg_logits(cond: Tensor, uncond: Tensor, scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance: u + s·(c − u). ``scale`` may be a tensor broadcasting over the logits."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_scales(num_tokens: int, scale: float, interval: tuple[float, float] = (0.0, 1.0),
+               device: torch.device | str | None = None) -> Tensor:
+    """Per-position guidance scale [T]: ``scale`` for positions in [start·T, end·T), 1 elsewhere."""
+    start, end = interval
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1, got {interval}")
+    position = torch.arange(num_tokens, device=device, dtype=torch.float32)
+    inside = (position >= start * num_tokens) & (position < end * num_tokens)
+    return torch.where(inside, torch.tensor(float(scale), device=device), torch.tensor(1.0, device=device))
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k then nucleus (top-p) filtering; removed entries become −inf. ``0`` / ``1.0`` disable them."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float = 2.0,
+                        cfg_interval: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+                        cond_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample ``num_tokens`` image tokens per condition with CFG.
+
+    Returns ``tokens`` [B, T] and the per-token log-probs of the sampled tokens under the conditional
+    and the guided distribution, both ``log_softmax(logits / T)`` over the full vocabulary ([B, T] each;
+    with temperature 0 they are taken at T = 1). ``use_cache=False`` re-runs the whole prefix every step
+    (the reference the cached path is tested and benchmarked against).
+    """
+    batch = cond.shape[0]
+    device = model.output.weight.device
+    null = model.null_condition(batch, device)
+    both = torch.cat([cond.to(device), null])  # one forward for [cond; uncond]
+    both_mask = None if cond_mask is None else torch.cat([cond_mask, torch.ones_like(cond_mask)])
+    scales = cfg_scales(num_tokens, cfg_scale, cfg_interval, device)
+    temp = temperature if temperature > 0 else 1.0
+    tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    logp_cond, logp_cfg = [], []
+    if use_cache:
+        model.setup_cache(2 * batch, device=device)
+        logits = model.prefill(both, both_mask)
+    try:
+        for t in range(num_tokens):
+            if not use_cache:
+                logits = model(torch.cat([tokens, tokens]), both, both_mask)[:, -1]
+            c, u = logits[:batch].float(), logits[batch:].float()
+            guided = cfg_logits(c, u, scales[t])
+            nxt = _pick(guided, temperature, top_k, top_p, generator)
+            logp_cond.append((c / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+            logp_cfg.append((guided / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if use_cache and t + 1 < num_tokens:
+                logits = model.forward_step(torch.cat([nxt, nxt]))
+    finally:
+        if use_cache:
+            model.clear_cache()
+    return tokens, torch.stack(logp_cond, 1), torch.stack(logp_cfg, 1)
