@@ -6,7 +6,9 @@ RL to improve it. This script makes one from scratch, on CPU, in a few minutes:
 1. renders 32x32 images of one object (the 18 ``single_object`` specs: 6 colours x 3 shapes) with
    :func:`image_gen.prompts.render_spec`, many seeds per spec for position/size variety;
 2. trains the tiny diffusers VQ (:func:`image_gen.vq.build_tiny_diffusers_vq`: 8x8 = 64 tokens, 64 codes)
-   and checks that decode(encode(x)) still satisfies the spec (``geneval_rules``);
+   on those images plus multi-object renders (counting / two-object specs: more coloured pixels, so
+   the six palette colours stay apart) and checks that decode(encode(x)) of held-out renders still
+   satisfies the spec (``geneval_rules``);
 3. trains a class-conditional ``GPT-tiny`` prior over those tokens (teacher forcing, 10% class dropout
    to the null class so classifier-free guidance works), deliberately only *partially*, and measures
    the rule reward of CFG samples;
@@ -81,6 +83,17 @@ def render_set(classes: list[dict], per_class: int, seed_offset: int) -> tuple[t
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
+def render_dense(n: int, seed_offset: int, seed: int) -> torch.Tensor:
+    """``n`` multi-object renders (counting and two-object specs) for the VQ only: they hold 2-4x more
+    coloured pixels than single-object images, so pixel MSE spends more of its gradient on object colours."""
+    specs = _pool("counting") + _pool("two_objects")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(specs), size=n)
+    return torch.stack(
+        [to_tensor(render_spec(specs[k], size=IMAGE_SIZE, seed=seed_offset + j)) for j, k in enumerate(picks)]
+    )
+
+
 def mean_reward(images: torch.Tensor, labels: torch.Tensor, classes: list[dict]) -> float:
     specs = [classes[int(c)]["spec"] for c in labels]
     prompts = [classes[int(c)]["prompt"] for c in labels]
@@ -121,7 +134,12 @@ def sample_cfg(
 
 
 def prior_reward(
-    model: GPT, vq: DiffusersVQ, classes: list[dict], per_class: int, cfg_scale: float, temperature: float,
+    model: GPT,
+    vq: DiffusersVQ,
+    classes: list[dict],
+    per_class: int,
+    cfg_scale: float,
+    temperature: float,
     seed: int,
 ) -> float:
     was_training = model.training
@@ -134,7 +152,11 @@ def prior_reward(
 
 
 def train_prior(
-    model: GPT, tokens: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, gen: torch.Generator,
+    model: GPT,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    gen: torch.Generator,
     on_eval=None,
 ) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=args.gpt_lr, weight_decay=0.05, betas=(0.9, 0.95))
@@ -152,7 +174,7 @@ def train_prior(
         opt.step()
         losses.append(float(loss.detach()))
         if step % args.log_every == 0 or step == args.gpt_steps:
-            print(f"  gpt step {step:4d}  loss {np.mean(losses[-args.log_every:]):.3f}", flush=True)
+            print(f"  gpt step {step:4d}  loss {np.mean(losses[-args.log_every :]):.3f}", flush=True)
         if on_eval is not None and args.eval_every and step % args.eval_every == 0 and step != args.gpt_steps:
             on_eval(step)
     model.eval()
@@ -167,20 +189,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: 1 if the machine is busy, else 2)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: 1 if the machine is busy, else 2)"
+    )
     p.add_argument("--train-per-class", type=int, default=128, help="training renders per class")
     p.add_argument("--eval-per-class", type=int, default=8, help="held-out renders per class (recon check)")
-    p.add_argument("--vq-steps", type=int, default=400)
+    p.add_argument("--vq-dense-images", type=int, default=1152, help="extra multi-object renders for the VQ")
+    p.add_argument("--vq-steps", type=int, default=600)
     p.add_argument("--vq-batch", type=int, default=32)
     p.add_argument("--vq-lr", type=float, default=2e-3)
-    p.add_argument("--gpt-steps", type=int, default=150)
+    p.add_argument("--gpt-steps", type=int, default=200)
     p.add_argument("--gpt-batch", type=int, default=64)
     p.add_argument("--gpt-lr", type=float, default=1e-3)
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--sample-per-class", type=int, default=8, help="prior samples per class for the reward check")
-    p.add_argument("--eval-every", type=int, default=0, help="also report the prior's sample reward every N steps")
+    p.add_argument(
+        "--sample-per-class", type=int, default=8, help="prior samples per class for the reward check"
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="also report the prior's sample reward every N steps"
+    )
     p.add_argument("--log-every", type=int, default=50)
     return p.parse_args(argv)
 
@@ -199,16 +228,24 @@ def main(argv: list[str] | None = None) -> dict:
     base = args.seed * 100_000
     train_x, train_y = render_set(classes, args.train_per_class, base)
     eval_x, eval_y = render_set(classes, args.eval_per_class, base + args.train_per_class)
-    print(f"rendered {len(train_x)} train / {len(eval_x)} held-out images ({time.perf_counter() - t0:.1f}s)", flush=True)
+    vq_x = torch.cat([train_x, render_dense(args.vq_dense_images, base + 50_000, args.seed)])
+    print(
+        f"rendered {len(train_x)} train / {len(eval_x)} held-out images ({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
 
     # 2. VQ tokenizer
     gen = torch.Generator().manual_seed(args.seed)
     vq = build_tiny_diffusers_vq(seed=args.seed)
     t = time.perf_counter()
-    print(f"training VQ for {args.vq_steps} steps...", flush=True)
-    vq_losses = train_vq(vq, random_batches(train_x, args.vq_batch, args.vq_steps, gen), args.vq_steps, lr=args.vq_lr)
+    print(f"training VQ for {args.vq_steps} steps on {len(vq_x)} images...", flush=True)
+    vq_losses = train_vq(
+        vq, random_batches(vq_x, args.vq_batch, args.vq_steps, gen), args.vq_steps, lr=args.vq_lr
+    )
     for i in range(0, len(vq_losses), 100):  # one train_vq call (one Adam state); losses reported afterwards
-        print(f"  vq steps {i + 1:4d}-{min(i + 100, len(vq_losses)):4d}  loss {np.mean(vq_losses[i : i + 100]):.4f}")
+        print(
+            f"  vq steps {i + 1:4d}-{min(i + 100, len(vq_losses)):4d}  loss {np.mean(vq_losses[i : i + 100]):.4f}"
+        )
     vq.eval()
     vq_time = time.perf_counter() - t
     recon = decode_all(vq, encode_all(vq, eval_x))
@@ -226,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     used = int(train_tokens.unique().numel())
     print(f"tokens {tuple(train_tokens.shape)}, {used}/{vq.codebook_size} codes used", flush=True)
     gpt_cfg = get_config(
-        "GPT-tiny", vocab_size=vq.codebook_size, block_size=train_tokens.shape[1], num_classes=n_cls,
+        "GPT-tiny",
+        vocab_size=vq.codebook_size,
+        block_size=train_tokens.shape[1],
+        num_classes=n_cls,
         class_dropout_prob=args.class_dropout,
     )
     torch.manual_seed(args.seed)
@@ -235,15 +275,22 @@ def main(argv: list[str] | None = None) -> dict:
     sample_seed = args.seed + 1
 
     def report(step: int) -> None:
-        r = prior_reward(gpt, vq, classes, args.sample_per_class, args.cfg_scale, args.temperature, sample_seed)
+        r = prior_reward(
+            gpt, vq, classes, args.sample_per_class, args.cfg_scale, args.temperature, sample_seed
+        )
         print(f"  gpt step {step:4d}  sample geneval_rules {r:.3f}", flush=True)
 
     t = time.perf_counter()
     gpt_losses = train_prior(gpt, train_tokens, train_y, args, gen, on_eval=report)
     gpt_time = time.perf_counter() - t
-    prior = prior_reward(gpt, vq, classes, args.sample_per_class, args.cfg_scale, args.temperature, sample_seed)
-    print(f"gpt ({n_params} params): {gpt_time:.1f}s, sample geneval_rules {prior:.3f} "
-          f"(cfg {args.cfg_scale}, T {args.temperature})", flush=True)
+    prior = prior_reward(
+        gpt, vq, classes, args.sample_per_class, args.cfg_scale, args.temperature, sample_seed
+    )
+    print(
+        f"gpt ({n_params} params): {gpt_time:.1f}s, sample geneval_rules {prior:.3f} "
+        f"(cfg {args.cfg_scale}, T {args.temperature})",
+        flush=True,
+    )
 
     # 4. write assets
     from safetensors.torch import save_file
@@ -278,14 +325,34 @@ def main(argv: list[str] | None = None) -> dict:
         "codebook_size": vq.codebook_size,
         "codes_used": used,
         "train_images_per_class": args.train_per_class,
-        "vq": {"steps": args.vq_steps, "batch": args.vq_batch, "lr": args.vq_lr, "final_loss": vq_losses[-1],
-               "recon_mse": recon_mse, "recon_reward": recon_reward, "original_reward": original_reward,
-               "eval_images_per_class": args.eval_per_class, "seconds": round(vq_time, 1)},
-        "gpt": {"steps": args.gpt_steps, "batch": args.gpt_batch, "lr": args.gpt_lr,
-                "class_dropout": args.class_dropout, "params": n_params, "final_loss": gpt_losses[-1],
-                "seconds": round(gpt_time, 1)},
-        "prior_sample": {"reward": prior, "cfg_scale": args.cfg_scale, "temperature": args.temperature,
-                         "per_class": args.sample_per_class, "sample_seed": sample_seed},
+        "vq_dense_images": args.vq_dense_images,
+        "vq": {
+            "steps": args.vq_steps,
+            "batch": args.vq_batch,
+            "lr": args.vq_lr,
+            "final_loss": vq_losses[-1],
+            "recon_mse": recon_mse,
+            "recon_reward": recon_reward,
+            "original_reward": original_reward,
+            "eval_images_per_class": args.eval_per_class,
+            "seconds": round(vq_time, 1),
+        },
+        "gpt": {
+            "steps": args.gpt_steps,
+            "batch": args.gpt_batch,
+            "lr": args.gpt_lr,
+            "class_dropout": args.class_dropout,
+            "params": n_params,
+            "final_loss": gpt_losses[-1],
+            "seconds": round(gpt_time, 1),
+        },
+        "prior_sample": {
+            "reward": prior,
+            "cfg_scale": args.cfg_scale,
+            "temperature": args.temperature,
+            "per_class": args.sample_per_class,
+            "sample_seed": sample_seed,
+        },
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")

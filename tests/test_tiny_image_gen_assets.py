@@ -78,8 +78,9 @@ def test_vq_reconstructions_satisfy_specs(vq, classes):
     rows = classes[::4]  # a few specs over all colours/shapes
     images = torch.stack(
         [
-            torch.from_numpy(np.asarray(render_spec(r["spec"], size=32, seed=10_000 + k), dtype=np.float32) / 255)
-            .permute(2, 0, 1)
+            torch.from_numpy(
+                np.asarray(render_spec(r["spec"], size=32, seed=10_000 + k), dtype=np.float32) / 255
+            ).permute(2, 0, 1)
             for k, r in enumerate(rows)
         ]
     )
