@@ -1,4 +1,4 @@
-"""Autoregressive image generation (LlamaGen-style VQ tokens) for AR-GRPO — work in progress.
+"""Autoregressive image generation (LlamaGen-style VQ tokens) for AR-GRPO.
 
 Ready and tested:
 
@@ -8,8 +8,11 @@ Ready and tested:
 - :mod:`image_gen.gpt` — a LlamaGen-architecture GPT (RMSNorm, SwiGLU, 2D RoPE; class- or text-conditional
   with a null condition for CFG; KV cache), loading official LlamaGen checkpoints.
 - :mod:`image_gen.prompts` / :mod:`image_gen.rewards` — procedural verifiable prompts and batched rule rewards
-  on decoded images (colour fraction, object count, relative position, shape), plus a CLIP similarity reward.
+  on decoded images (colour fraction, object count, relative position, shape), plus a CLIP similarity reward;
+  :mod:`image_gen.judge` — a Qwen-VL judge reward, P(yes).
+- :mod:`image_gen.sampling` / :mod:`image_gen.policy` — KV-cached CFG sampling and the policy that plugs all
+  of this into :class:`mmrl.Trainer`; :mod:`image_gen.task` — the ``task: image_gen`` wiring for the CLI.
 
-Not yet: the policy that plugs these into :class:`mmrl.Trainer` (CFG sampling, log-prob modes), the tiny
-offline pipeline and ``configs/image_gen/``. Nothing here is wired into the ``mmrl`` CLI yet.
+Not yet: text-conditional generation from T5 features (the GPT supports it; the policy only wires class
+conditions), Janus-Pro, HPSv2.
 """
