@@ -25,17 +25,13 @@ from safetensors.torch import save_model
 
 from image_gen.sampling import cfg_scales, sample_image_tokens
 from mmrl.ops import token_logprobs
-from mmrl.policy import Rollout, SampleInputs, Sampling
+from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 
 Tensor = torch.Tensor
 LOGPROB_MODES = ("cond", "cfg")
 INPUT_KEYS = ("prompt",)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 class ARImagePolicy:
@@ -57,7 +53,7 @@ class ARImagePolicy:
         self.num_tokens = model.config.block_size
 
     def _conditions(self, records: list[dict]) -> Tensor:
-        config = _unwrap(self.model).config
+        config = unwrap_model(self.model).config
         if config.model_type != "c2i":
             raise ValueError("text-conditional (t2i) generation needs caption features; only c2i is wired so far")
         ids = []
@@ -88,7 +84,7 @@ class ARImagePolicy:
             temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
 
     def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         device = inner.output.weight.device
         ids = rollout.completion_ids.to(device)
         cond = rollout.inputs.tensors["cond"].to(device)
@@ -119,7 +115,7 @@ class ARImagePolicy:
     def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         save_model(inner, str(out / "model.safetensors"))
         (out / "gpt_config.json").write_text(json.dumps(vars(inner.config), indent=1, default=str))
         if hasattr(self.tokenizer, "save_pretrained"):

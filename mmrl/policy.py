@@ -21,6 +21,14 @@ import torch
 Tensor = torch.Tensor
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DeepSpeed wrappers (they keep it in ``.module``): where a policy finds its
+    output head and config while still calling the wrapper's forward for gradient synchronisation."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 @dataclass
 class SampleInputs:
     """Per-sample model inputs a policy needs to re-score its completions, in a form that can be

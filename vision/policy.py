@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from mmrl.ops import token_logprobs
-from mmrl.policy import Rollout, SampleInputs, Sampling
+from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
 
@@ -26,11 +26,6 @@ Tensor = torch.Tensor
 INPUT_KEYS = ("prompt", "images")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / DeepSpeed wrappers keep the model in `.module`; its lm_head is what projects hidden states.
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 class VisionPolicy:
@@ -168,7 +163,7 @@ class VisionPolicy:
         # position only — the completion's logits are made below from the hidden states, in slices.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, prompt_length - 1:-1]
-        head = _unwrap(model).get_output_embeddings()
+        head = unwrap_model(model).get_output_embeddings()
         return token_logprobs(hidden, completion_ids, head, temperature=rollout.temperature,
                               chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
 
@@ -207,7 +202,7 @@ class VisionPolicy:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
-        _unwrap(model).save_pretrained(path)
+        unwrap_model(model).save_pretrained(path)
         self.processor.save_pretrained(path)
 
 
