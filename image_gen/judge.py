@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmrl.rewards import register_reward_factory
 from vision.modeling import VisionModelConfig, load_model_and_processor, pixel_bounds, resize_image
 
 DEFAULT_QUESTION = 'Does this image show "{prompt}"? Answer yes or no.'
@@ -71,3 +72,10 @@ class VLMJudgeReward:
             no = torch.logsumexp(logits[:, self.no_ids], -1)
             scores.extend(torch.sigmoid(yes - no).tolist())  # P(yes | yes or no)
         return scores
+
+
+@register_reward_factory("vlm_judge")
+def vlm_judge(model: str, question: str = DEFAULT_QUESTION, batch_size: int = 16, device: str | None = None,
+              min_pixels: int = 56 * 56, max_pixels: int = 448 * 448) -> VLMJudgeReward:
+    """Config: ``{name: vlm_judge, args: {model: Qwen/Qwen2.5-VL-7B-Instruct, question: "..."}}``."""
+    return VLMJudgeReward(model, question, batch_size, device, min_pixels, max_pixels)

@@ -39,7 +39,7 @@ class ARImagePolicy:
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg_scale: float = 2.0,
                  cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
-                 use_cache: bool = True, logprob_chunk_size: int = 1024):
+                 use_cache: bool = True, logprob_chunk_size: int = 1024, text_encoder=None):
         if logprob_mode not in LOGPROB_MODES:
             raise ValueError(f"logprob_mode={logprob_mode!r}; valid: {list(LOGPROB_MODES)}")
         self.model = model
@@ -51,11 +51,23 @@ class ARImagePolicy:
         self.use_cache = use_cache
         self.logprob_chunk_size = logprob_chunk_size
         self.num_tokens = model.config.block_size
+        # t2i: something with ``encode(prompts) -> (features [B, L, D], mask [B, L])``, e.g.
+        # image_gen.text_encoder.T5TextEncoder. It is frozen and not part of the trained model.
+        self.text_encoder = text_encoder
+        if model.config.model_type == "t2i":
+            if text_encoder is None:
+                raise ValueError("a text-conditional (t2i) model needs a text encoder (model.text_encoder)")
+            if getattr(text_encoder, "dim", model.config.caption_dim) != model.config.caption_dim:
+                raise ValueError(f"text encoder features have {text_encoder.dim} dims but the model expects "
+                                 f"caption_dim={model.config.caption_dim}")
 
-    def _conditions(self, records: list[dict]) -> Tensor:
+    def _conditions(self, records: list[dict]) -> dict[str, Tensor]:
+        """Model conditions for ``records``: ``{"cond": class ids [B]}`` (c2i) or ``{"cond": caption
+        features [B, L, D], "cond_mask": [B, L]}`` (t2i, from each record's ``prompt``)."""
         config = unwrap_model(self.model).config
-        if config.model_type != "c2i":
-            raise ValueError("text-conditional (t2i) generation needs caption features; only c2i is wired so far")
+        if config.model_type == "t2i":
+            features, mask = self.text_encoder.encode([record.get("prompt") for record in records])
+            return {"cond": features, "cond_mask": mask}
         ids = []
         for i, record in enumerate(records):
             class_id = record.get("class_id")
@@ -63,20 +75,19 @@ class ARImagePolicy:
                 raise ValueError(f"record {i}: class_id={class_id!r} is not a valid class id "
                                  f"(0..{config.num_classes - 1}); prompt={record.get('prompt')!r}")
             ids.append(class_id)
-        return torch.tensor(ids, dtype=torch.long)
+        return {"cond": torch.tensor(ids, dtype=torch.long)}
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
-        cond = self._conditions(records)
         repeat = torch.arange(len(records)).repeat_interleave(group_size)
-        cond = cond[repeat]
+        conditions = {k: v[repeat] for k, v in self._conditions(records).items()}
         tokens, logp_cond, logp_cfg = sample_image_tokens(
-            model, cond, self.num_tokens, self.cfg_scale, self.cfg_interval, sampling.temperature, sampling.top_k,
-            sampling.top_p, use_cache=self.use_cache)
+            model, conditions["cond"], self.num_tokens, self.cfg_scale, self.cfg_interval, sampling.temperature,
+            sampling.top_k, sampling.top_p, use_cache=self.use_cache, cond_mask=conditions.get("cond_mask"))
         keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
         tokens = tokens.cpu()
         return Rollout(
-            completion_ids=tokens, completion_mask=torch.ones_like(tokens), inputs=SampleInputs(tensors={"cond": cond}),
+            completion_ids=tokens, completion_mask=torch.ones_like(tokens), inputs=SampleInputs(tensors=conditions),
             prompts=[records[i].get("prompt") for i in repeat.tolist()],
             columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
             truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),
@@ -88,14 +99,17 @@ class ARImagePolicy:
         device = inner.output.weight.device
         ids = rollout.completion_ids.to(device)
         cond = rollout.inputs.tensors["cond"].to(device)
+        mask = rollout.inputs.tensors.get("cond_mask")
+        mask = None if mask is None else mask.to(device)
         batch, length = ids.shape
         if self.logprob_mode == "cond":
-            hidden = model(ids, cond, return_hidden=True)[:, :length]
+            hidden = model(ids, cond, mask, return_hidden=True)[:, :length]
             return token_logprobs(hidden, ids, inner.output, rollout.temperature, self.logprob_chunk_size, with_entropy)
         # cfg: cond and null rows in one forward; the head mixes the two branches per position, so the
         # guided logits are also made slice by slice (the scale rides along as one extra feature).
         both = torch.cat([cond, inner.null_condition(batch, device)])
-        hidden = model(torch.cat([ids, ids]), both, return_hidden=True)[:, :length]
+        both_mask = None if mask is None else torch.cat([mask, mask])  # null rows keep the mask (see sampling)
+        hidden = model(torch.cat([ids, ids]), both, both_mask, return_hidden=True)[:, :length]
         scales = cfg_scales(length, self.cfg_scale, self.cfg_interval, device).to(hidden.dtype)
         packed = torch.cat([hidden[:batch], hidden[batch:], scales.view(1, -1, 1).expand(batch, -1, 1)], dim=-1)
         width = hidden.shape[-1]

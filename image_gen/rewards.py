@@ -6,7 +6,10 @@ Importing this module registers (see :func:`mmrl.rewards.register_reward`):
 * ``"object_count"`` — connected components per spec colour versus the spec count;
 * ``"relative_position"`` — centroids of the two objects' colour masks satisfy the spec relation;
 * ``"object_shape"`` — each component's fill ratio (area / bounding box) matches the spec shape;
-* ``"geneval_rules"`` — the mean of the applicable rules above.
+* ``"geneval_rules"`` — the mean of the applicable rules above;
+
+and the model-backed reward factories (:func:`mmrl.rewards.register_reward_factory`; a config passes
+``args``) ``"clip_score"`` and ``"clip_score_quantized"`` (AR-GRPO's step map).
 
 Signature (TRL): ``fn(prompts, completions, spec=[...], **columns) -> list[float | None]`` where each
 completion is a PIL image or a float tensor ``[3, H, W]`` in ``[0, 1]`` (numpy ``HxWx3`` uint8 works too).
@@ -31,7 +34,7 @@ import torch
 from PIL import Image
 
 from image_gen.prompts import PALETTE
-from mmrl.rewards import get_reward, register_reward, reward_name
+from mmrl.rewards import get_reward, register_reward, register_reward_factory, reward_name
 
 COLOUR_TOLERANCE = 80.0
 MIN_FRACTION_PER_OBJECT = 0.01  # below this an object is "barely there"
@@ -256,33 +259,44 @@ def to_pil(image: Any) -> Image.Image:
     return Image.fromarray(to_rgb_array(image))
 
 
+#: AR-GRPO's quantised CLIP reward: cosine similarity below 0 / in [0, 0.3) / [0.3, 0.6) / from 0.6 up maps to
+#: -1 / 0.5 / 1.0 / 1.5 (``discrete_reward_map(score, [0, 0.3, 0.6, 1], [-1, 0.5, 1, 1.5])`` in the AR-GRPO
+#: code's ``img_gen_grpo_rewards.py``; read in a public fork of Kwai-Klear/AR-GRPO). Coarse buckets stop
+#: GRPO from blowing CLIP's tiny, noisy differences between near-identical samples up into full advantages.
+AR_GRPO_CLIP_THRESHOLDS = (0.0, 0.3, 0.6)
+AR_GRPO_CLIP_LEVELS = (-1.0, 0.5, 1.0, 1.5)
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # AR-GRPO's CLIP
+
+
+def quantise_clip(scores: torch.Tensor, thresholds: Sequence[float] = AR_GRPO_CLIP_THRESHOLDS,
+                  levels: Sequence[float] = AR_GRPO_CLIP_LEVELS) -> torch.Tensor:
+    """Step function: ``levels[i]`` for scores in [thresholds[i-1], thresholds[i]) (``levels[0]`` below the
+    first threshold, ``levels[-1]`` from the last one up)."""
+    if len(levels) != len(thresholds) + 1:
+        raise ValueError(f"{len(thresholds)} thresholds need {len(thresholds) + 1} levels, got {len(levels)}")
+    edges = torch.tensor(thresholds, dtype=scores.dtype, device=scores.device)
+    values = torch.tensor(levels, dtype=scores.dtype, device=scores.device)
+    return values[torch.bucketize(scores, edges, right=True)]
+
+
 class CLIPReward:
     """Cosine similarity between CLIP's image and text embeddings, one value per (prompt, image) pair.
 
-    Not registered by name: it owns a model, so build it once and pass the instance as a reward callable.
-    ``model_name_or_path`` is a local directory or a hub id already in the local cache (nothing is
-    downloaded at training time if the cache is warm; loading follows ``transformers`` defaults).
-
-    ``quantize=True`` rounds the score to the nearest multiple of ``quant_step`` (default 0.1, clipped to
-    [-1, 1]). This is *our* reading of a "quantised" CLIP reward — we could not confirm AR-GRPO's exact
-    scheme offline — chosen because coarse buckets stop GRPO from amplifying CLIP's tiny, noisy
-    differences between near-identical samples into full-size advantages.
+    Registered as the reward factory ``clip_score`` (and ``clip_score_quantized``): in a config,
+    ``{name: clip_score, args: {model: PATH_OR_ID}}``. The model is a local directory or a hub id already
+    in the local cache; nothing else is downloaded. ``quantize=True`` applies AR-GRPO's step map
+    (:func:`quantise_clip`). The raw score is the plain cosine (AR-GRPO scales it by 5: a reward weight of
+    5 reproduces that; group-normalised advantages do not change with the scale).
     """
 
-    def __init__(
-        self,
-        model_name_or_path: str,
-        device: str | torch.device | None = None,
-        quantize: bool = False,
-        quant_step: float = 0.1,
-    ) -> None:
+    def __init__(self, model_name_or_path: str = DEFAULT_CLIP, device: str | torch.device | None = None,
+                 quantize: bool = False) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = CLIPModel.from_pretrained(model_name_or_path).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(model_name_or_path)
         self.quantize = quantize
-        self.quant_step = quant_step
         self.__name__ = "clip_score_quantized" if quantize else "clip_score"
 
     @torch.no_grad()
@@ -298,10 +312,6 @@ class CLIPReward:
         text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
         image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
         return (text * image).sum(-1).clamp(-1.0, 1.0)
-
-    def quantise(self, scores: torch.Tensor) -> torch.Tensor:
-        """Round to the ``quant_step`` grid (see class docstring)."""
-        return (torch.round(scores / self.quant_step) * self.quant_step).clamp(-1.0, 1.0)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float | None]:
         if len(prompts) != len(completions):
@@ -319,8 +329,20 @@ class CLIPReward:
         )
         scores = self.similarity(batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"))
         if self.quantize:
-            scores = self.quantise(scores)
+            scores = quantise_clip(scores)
         return [None if math.isnan(v) else float(v) for v in scores.tolist()]
+
+
+@register_reward_factory("clip_score")
+def clip_score(model: str = DEFAULT_CLIP, device: str | None = None) -> CLIPReward:
+    """Config: ``{name: clip_score, args: {model: PATH_OR_ID}}`` — raw CLIP cosine similarity."""
+    return CLIPReward(model, device, quantize=False)
+
+
+@register_reward_factory("clip_score_quantized")
+def clip_score_quantized(model: str = DEFAULT_CLIP, device: str | None = None) -> CLIPReward:
+    """Config: ``{name: clip_score_quantized, args: {model: PATH_OR_ID}}`` — AR-GRPO's quantised CLIP reward."""
+    return CLIPReward(model, device, quantize=True)
 
 
 # --- start-up check ----------------------------------------------------------------------------------

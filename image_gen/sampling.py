@@ -71,7 +71,9 @@ def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float =
     device = model.output.weight.device
     null = model.null_condition(batch, device)
     both = torch.cat([cond.to(device), null])  # one forward for [cond; uncond]
-    both_mask = None if cond_mask is None else torch.cat([cond_mask, torch.ones_like(cond_mask)])
+    # The null caption keeps its row's caption mask, as in LlamaGen's sampler (caption dropout in training
+    # swapped the features but kept the mask, so that is what the null branch was trained on).
+    both_mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask]).to(device)
     scales = cfg_scales(num_tokens, cfg_scale, cfg_interval, device)
     temp = temperature if temperature > 0 else 1.0
     tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)

@@ -18,13 +18,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from image_gen import rewards as _rewards  # noqa: F401  (registers the rule rewards)
+from image_gen import hps as _hps  # noqa: F401  (registers the hpsv2 reward factory)
+from image_gen import judge as _judge  # noqa: F401  (registers the vlm_judge reward factory)
+from image_gen import rewards as _rewards  # noqa: F401  (registers the rule rewards and clip_score)
 from image_gen.gpt import GPT, GPTConfig, get_config, load_llamagen_checkpoint
 from image_gen.policy import ARImagePolicy
-from image_gen.prompts import render_spec
+from image_gen.prompts import make_prompts, render_spec
 from image_gen.rewards import dry_run
+from image_gen.text_encoder import T5TextEncoder
 from image_gen.vq import DiffusersVQ, load_llamagen_vq
 from mmrl.config import TrainConfig
+from mmrl.rewards import build_reward
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,10 @@ class ImageGenModelConfig:
     gpt_config: str = "GPT-XL"  # LlamaGen size preset for a checkpoint file (GPT-B/L/XL/XXL/XXXL)
     num_classes: int = 1000  # for a LlamaGen C2I checkpoint
     image_size: int = 256  # for a LlamaGen checkpoint: block_size = (image_size / 16)²
+    condition: str = "c2i"  # for a LlamaGen checkpoint file: c2i (class ids) | t2i (T5 caption features)
+    text_encoder: str = "google/flan-t5-xl"  # t2i only: T5 hub id or local dir (LlamaGen: flan-t5-xl)
+    text_max_length: int = 120  # t2i checkpoint file: caption tokens (LlamaGen's cls_token_num: 120)
+    caption_dim: int = 2048  # t2i checkpoint file: T5 feature size (flan-t5-xl: 2048)
     vq: str = "tiny"  # "tiny" | diffusers VQModel dir or hub id | LlamaGen VQ checkpoint file (.pt/.safetensors)
     vq_config: str = "VQ-16"
     cfg_scale: float = 2.0  # classifier-free guidance in rollouts (AR-GRPO: 2.0)
@@ -51,8 +59,19 @@ class ImageGenModelConfig:
 class ImageGenDataConfig:
     """The ``data:`` section: which conditions to train and evaluate on."""
 
-    prompts: str = "tiny_shapes"  # tiny_shapes (the tiny model's classes) | classes (ids in class_ids)
-    class_ids: list[int] | None = None  # for prompts: classes, e.g. ImageNet ids
+    # tiny_shapes: the tiny model's classes | classes: ids in class_ids (c2i) | procedural: generated
+    # GenEval-like prompts with specs, for rule rewards (t2i) | file: prompts from prompt_file (t2i)
+    prompts: str = "tiny_shapes"
+    class_ids: list[int] | None = None  # for prompts: classes, e.g. ImageNet ids (default: all)
+    # For prompts: classes — a text file with one class name per line (line i = class i, e.g. ImageNet's
+    # 1000 names), turned into each record's prompt by class_prompt; AR-GRPO's CLIP reward uses
+    # "a photo of {name}". Without it the prompt is "class {id}".
+    class_names: str | None = None
+    class_prompt: str = "a photo of {name}"
+    # For prompts: file — .txt (one prompt per line) or .jsonl rows {"prompt": ..., optional "spec"}.
+    prompt_file: str | None = None
+    # For prompts: procedural — categories from image_gen.prompts.CATEGORIES (default: all).
+    categories: list[str] | None = None
     num_train: int = 512
     num_eval: int = 72
     seed: int = 0
@@ -92,8 +111,11 @@ def _load_gpt(cfg: ImageGenModelConfig) -> GPT:
         return model
     if not path.is_file():
         raise FileNotFoundError(f"model.gpt={cfg.gpt!r} is neither 'tiny', a checkpoint file nor a directory")
-    config = get_config(cfg.gpt_config, model_type="c2i", num_classes=cfg.num_classes,
-                        block_size=(cfg.image_size // 16) ** 2)
+    if cfg.condition not in ("c2i", "t2i"):
+        raise ValueError(f"model.condition={cfg.condition!r}; valid: ['c2i', 't2i']")
+    text = {"cls_token_num": cfg.text_max_length, "caption_dim": cfg.caption_dim} if cfg.condition == "t2i" else {}
+    config = get_config(cfg.gpt_config, model_type=cfg.condition, num_classes=cfg.num_classes,
+                        block_size=(cfg.image_size // 16) ** 2, **text)
     return load_llamagen_checkpoint(path, config)
 
 
@@ -106,17 +128,62 @@ def _load_vq(cfg: ImageGenModelConfig):
     return DiffusersVQ(cfg.vq)  # a diffusers directory or hub id
 
 
-def _records(cfg: ImageGenDataConfig, num_classes: int) -> tuple[list[dict], list[dict]]:
+def _class_pool(cfg: ImageGenDataConfig, num_classes: int) -> list[dict]:
+    ids = cfg.class_ids if cfg.class_ids is not None else list(range(num_classes))
+    bad = [i for i in ids if not 0 <= int(i) < num_classes]
+    if bad:
+        raise ValueError(f"data.class_ids {bad[:5]} outside the model's classes 0..{num_classes - 1}")
+    names = None
+    if cfg.class_names:
+        path = Path(cfg.class_names)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.class_names={cfg.class_names!r} is not a file (one class name per line)")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) < num_classes:
+            raise ValueError(f"data.class_names has {len(names)} names for a model with {num_classes} classes")
+    prompt = (lambda i: cfg.class_prompt.format(name=names[i])) if names else (lambda i: f"class {i}")
+    return [{"class_id": int(i), "prompt": prompt(int(i))} for i in ids]
+
+
+def _file_pool(cfg: ImageGenDataConfig) -> list[dict]:
+    if not cfg.prompt_file or not Path(cfg.prompt_file).is_file():
+        raise FileNotFoundError(f"data.prompts=file needs data.prompt_file to be a .txt or .jsonl file, "
+                                f"got {cfg.prompt_file!r}")
+    path = Path(cfg.prompt_file)
+    if path.suffix == ".jsonl":
+        pool, skipped = [], 0
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            row = json.loads(line) if line.strip() else None
+            if not isinstance(row, dict) or not str(row.get("prompt") or "").strip():
+                skipped += 1  # one bad row in a large prompt file is skipped, counted and logged
+                logger.warning("%s:%d has no non-empty 'prompt'; skipped", path, line_no)
+                continue
+            pool.append(row)
+        if skipped:
+            logger.warning("%s: %d rows skipped (no prompt), %d kept", path, skipped, len(pool))
+        return pool
+    return [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+
+
+def _records(cfg: ImageGenDataConfig, model_config) -> tuple[list[dict], list[dict]]:
+    """Training and held-out condition records. c2i records carry ``class_id``; t2i records ``prompt``."""
+    if cfg.prompts == "procedural":  # held-out scenes never appear in training (image_gen.prompts split)
+        train = make_prompts(cfg.num_train, cfg.seed, cfg.categories, "train")
+        evaluation = make_prompts(cfg.num_eval, cfg.seed + 1, cfg.categories, "test")
+        if model_config.model_type == "c2i":
+            raise ValueError("data.prompts=procedural needs a text-conditional (t2i) model; a class-conditional "
+                             "model can only use prompts: tiny_shapes or classes")
+        return train, evaluation
     if cfg.prompts == "tiny_shapes":
-        classes = tiny_classes()
-        pool = [{**c, "category": "single_object"} for c in classes]
+        pool = [{**c, "category": "single_object"} for c in tiny_classes()]
     elif cfg.prompts == "classes":
-        ids = cfg.class_ids if cfg.class_ids is not None else list(range(num_classes))
-        pool = [{"class_id": int(i), "prompt": f"class {i}"} for i in ids]
+        pool = _class_pool(cfg, model_config.num_classes)
+    elif cfg.prompts == "file":
+        pool = _file_pool(cfg)
     else:
-        raise ValueError(f"data.prompts={cfg.prompts!r}; valid: ['classes', 'tiny_shapes']")
+        raise ValueError(f"data.prompts={cfg.prompts!r}; valid: ['classes', 'file', 'procedural', 'tiny_shapes']")
     if not pool:
-        raise ValueError("data.class_ids is empty: no conditions to train on")
+        raise ValueError(f"data.prompts={cfg.prompts!r} gave no conditions to train on")
     rng = random.Random(cfg.seed)
     train = [dict(rng.choice(pool)) for _ in range(cfg.num_train)]
     evaluation = [dict(pool[i % len(pool)]) for i in range(cfg.num_eval)]  # balanced over conditions
@@ -126,14 +193,17 @@ def _records(cfg: ImageGenDataConfig, num_classes: int) -> tuple[list[dict], lis
 def build(cfg: TrainConfig) -> ImageGenTask:
     model = _load_gpt(cfg.model)
     tokenizer = _load_vq(cfg.model)
-    train, evaluation = _records(cfg.data, model.config.num_classes)
+    train, evaluation = _records(cfg.data, model.config)
+    text_encoder = None
+    if model.config.model_type == "t2i":  # the window is the model's: LlamaGen's T2I models use 120 tokens
+        text_encoder = T5TextEncoder(cfg.model.text_encoder, max_length=model.config.cls_token_num)
     policy = ARImagePolicy(model, tokenizer, cfg.model.cfg_scale, tuple(cfg.model.cfg_interval),
-                           cfg.model.logprob_mode, cfg.model.use_cache, cfg.logprob_chunk_size)
+                           cfg.model.logprob_mode, cfg.model.use_cache, cfg.logprob_chunk_size, text_encoder)
     # A broken reward (bad model path, wrong signature) must fail now, not after the first rollout.
     sample = train[0]
     spec = sample.get("spec")
     image = render_spec(spec, size=64) if spec else torch.rand(3, 64, 64)
-    dry_run([r.name for r in cfg.rewards], sample["prompt"], image, spec)
+    dry_run([build_reward(r.name, r.args) for r in cfg.rewards], sample["prompt"], image, spec)
     logger.info("AR generator: %.2fM parameters, %d tokens per image; %d training conditions",
                 sum(p.numel() for p in model.parameters()) / 1e6, model.config.block_size, len(train))
     return ImageGenTask(policy, train, evaluation)
@@ -148,8 +218,9 @@ def save_samples(cfg: TrainConfig, task: ImageGenTask, path: str | Path, per_cla
 
     seen, records = set(), []
     for record in task.eval_dataset or task.train_dataset:
-        if record["class_id"] not in seen and len(records) < max_classes:
-            seen.add(record["class_id"])
+        key = record.get("class_id", record.get("prompt"))
+        if key not in seen and len(records) < max_classes:
+            seen.add(key)
             records.append(record)
     policy = task.policy
     model = policy.model

@@ -29,6 +29,9 @@ from mmrl.policy import Sampling
 class RewardConfig:
     name: str  # registry name or "path/to/file.py:function"
     weight: float = 1.0
+    # Keyword arguments: for a model-backed reward (clip_score, vlm_judge, hpsv2, ...) its constructor's
+    # (e.g. {model: openai/clip-vit-base-patch32}); for a plain function, extra keywords of every call.
+    args: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -22,6 +22,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import inspect
+import json
 import logging
 import math
 import sys
@@ -52,8 +54,27 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return decorator
 
 
+# Rewards that own a model (CLIP, a VLM judge, ...) are registered as *factories*: ``factory(**args)``
+# builds the callable once; a config names it and passes ``args`` (``{name: clip_score, args: {...}}``).
+_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+_BUILT: dict[tuple[str, str], RewardFn] = {}
+
+
+def register_reward_factory(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator: ``factory(**args) -> reward fn`` buildable by ``name`` with config ``args``. Built once
+    per (name, args) and shared, so the start-up dry run and the trainer use the same loaded model."""
+
+    def decorator(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        if name in _REGISTRY or (name in _FACTORIES and _FACTORIES[name] is not factory):
+            raise ValueError(f"reward {name!r} is already registered")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_FACTORIES})
 
 
 def _load_from_file(spec: str) -> RewardFn:
@@ -92,12 +113,40 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         return _load_from_file(spec)
     if spec in _REGISTRY:
         return _REGISTRY[spec]
-    close = difflib.get_close_matches(spec, _REGISTRY, n=1)
+    if spec in _FACTORIES:
+        return build_reward(spec)
+    close = difflib.get_close_matches(spec, available_rewards(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise KeyError(
         f"unknown reward {spec!r}.{hint} Registered rewards: {available_rewards()} "
         "(task rewards register when their package is imported; or use 'path/to/file.py:function')"
     )
+
+
+def build_reward(spec: str | RewardFn, args: dict[str, Any] | None = None) -> RewardFn:
+    """A reward from a config entry: a factory name built with ``args`` (cached), or any
+    :func:`get_reward` spec whose ``args`` become extra keyword arguments of every call."""
+    args = dict(args or {})
+    if isinstance(spec, str) and spec in _FACTORIES:
+        key = (spec, json.dumps(args, sort_keys=True, default=str))
+        if key not in _BUILT:
+            factory = _FACTORIES[spec]
+            try:
+                inspect.signature(factory).bind(**args)
+            except TypeError as exc:
+                raise TypeError(f"reward {spec!r}: bad args {sorted(args)} ({exc}); it accepts "
+                                f"{inspect.signature(factory)}") from None
+            _BUILT[key] = factory(**args)
+        return _BUILT[key]
+    fn = get_reward(spec)
+    if not args:
+        return fn
+
+    def bound(prompts: list, completions: list, **columns: Any) -> list:
+        return fn(prompts, completions, **{**columns, **args})
+
+    bound.__name__ = reward_name(fn)
+    return bound
 
 
 def reward_name(fn: RewardFn) -> str:

@@ -38,7 +38,7 @@ from mmrl.data import BadSample, PromptSampler
 from mmrl.logger import MetricsLogger, plot_reward_curve
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy, perception_term
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.rewards import RewardFn, compute_rewards, get_reward, reward_name
+from mmrl.rewards import RewardFn, build_reward, compute_rewards, get_reward, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class Trainer:
         if reward_funcs is None:
             reward_funcs = [r.name for r in cfg.rewards]
             reward_weights = [r.weight for r in cfg.rewards] if reward_weights is None else reward_weights
-        self.reward_fns: list[RewardFn] = [get_reward(f) for f in reward_funcs]
+            self.reward_fns: list[RewardFn] = [build_reward(r.name, r.args) for r in cfg.rewards]
+        else:
+            self.reward_fns = [get_reward(f) for f in reward_funcs]
         self.reward_names = [f if isinstance(f, str) and ".py:" not in f else reward_name(g)
                              for f, g in zip(reward_funcs, self.reward_fns)]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_fns)
@@ -337,8 +339,11 @@ class Trainer:
         cfg = self.config
         sampling = Sampling(temperature=cfg.eval.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
                             max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens)
-        return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset,
-                               reward if reward is not None else cfg.eval.reward, sampling,
+        reward = reward if reward is not None else cfg.eval.reward
+        if isinstance(reward, str):  # a training reward's name: same args, same (cached) instance
+            args = next((r.args for r in cfg.rewards if r.name == reward), {})
+            reward = build_reward(reward, args)
+        return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset, reward, sampling,
                                batch_size=cfg.eval.batch_size, max_samples=max_samples,
                                show_progress=cfg.logging.progress_bar)
 

@@ -221,7 +221,7 @@ def test_to_dict_round_trip(tmp_path):
     plain = to_dict(cfg)
     assert plain["optim"]["betas"] == [0.8, 0.95]
     assert plain["model"] == {"name_or_path": "some/model", "dtype": "bfloat16", "max_pixels": 1024}
-    assert plain["rewards"][0] == {"name": "format", "weight": 0.2}
+    assert plain["rewards"][0] == {"name": "format", "weight": 0.2, "args": {}}
     # through a YAML file and back
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(yaml.safe_dump(plain))

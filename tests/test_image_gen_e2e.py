@@ -46,6 +46,10 @@ def test_unknown_class_id_is_a_clear_error():
 
     cfg = load_config("configs/image_gen/demo.yaml", ["data.prompts=classes", "data.class_ids=[3, 99]"],
                       section_types=image_task.SECTION_TYPES)
+    with pytest.raises(ValueError, match=r"class_ids \[99\] outside the model's classes 0..17"):
+        image_task.build(cfg)
+    cfg = load_config("configs/image_gen/demo.yaml", ["data.prompts=classes", "data.class_ids=[3]"],
+                      section_types=image_task.SECTION_TYPES)
     built = image_task.build(cfg)
     with pytest.raises(ValueError, match="class_id=99"):
         built.policy.generate(built.policy.model, [{"prompt": "x", "class_id": 99}], 2, Sampling())

@@ -29,6 +29,7 @@ from image_gen.rewards import (
     geneval_rules,
     object_count,
     object_shape,
+    quantise_clip,
     relative_position,
 )
 from mmrl.rewards import available_rewards
@@ -246,8 +247,23 @@ def test_clip_reward_on_tiny_random_clip(tiny_clip):
     assert len(scores) == 4 and all(-1.0 <= s <= 1.0 for s in scores)
     assert raw(prompts, [_to_tensor(im) for im in images]) == pytest.approx(scores, abs=1e-5)
     q = CLIPReward(tiny_clip, device="cpu", quantize=True)
-    grid = {round(-1 + 0.1 * i, 6) for i in range(21)}
-    qs = q(prompts, images)
-    assert all(round(v, 6) in grid for v in qs)
-    assert qs == pytest.approx([round(s * 10) / 10 for s in scores], abs=1e-6)
+    expected = [-1.0 if s < 0 else 0.5 if s < 0.3 else 1.0 if s < 0.6 else 1.5 for s in scores]
+    assert q(prompts, images) == pytest.approx(expected)
     assert raw([], []) == []
+
+
+def test_clip_quantisation_is_ar_grpos_step_map():
+    scores = torch.tensor([-0.5, -1e-6, 0.0, 0.29, 0.3, 0.59, 0.6, 0.99, 1.0])
+    assert quantise_clip(scores).tolist() == [-1.0, -1.0, 0.5, 0.5, 1.0, 1.0, 1.5, 1.5, 1.5]
+    with pytest.raises(ValueError, match="3 thresholds need 4 levels"):
+        quantise_clip(scores, (0.0, 0.3, 0.6), (0.0, 1.0))
+
+
+def test_clip_reward_builds_from_a_config_entry(tiny_clip):
+    from mmrl.rewards import build_reward
+
+    fn = build_reward("clip_score_quantized", {"model": tiny_clip, "device": "cpu"})
+    assert fn is build_reward("clip_score_quantized", {"model": tiny_clip, "device": "cpu"})  # cached
+    assert fn.quantize and fn.__name__ == "clip_score_quantized"
+    with pytest.raises(TypeError, match="bad args.*modle"):
+        build_reward("clip_score", {"modle": tiny_clip})

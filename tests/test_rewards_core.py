@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmrl.rewards as rewards_mod
-from mmrl.rewards import compute_rewards, get_reward, register_reward, reward_name
+from mmrl.rewards import available_rewards, compute_rewards, get_reward, register_reward, reward_name
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 COMPLETIONS = ["a", "b", "c", "d"]
@@ -239,3 +239,31 @@ def test_two_functions_from_one_registering_file(tmp_path):
         assert get_reward(name) is first
     finally:
         rewards_module._REGISTRY.pop(name, None)
+
+
+def test_build_reward_binds_args_and_builds_factories_once():
+    from mmrl.rewards import build_reward, register_reward_factory
+
+    @register_reward("test_scaled_len")
+    def scaled_len(prompts, completions, scale=1.0, **kw):
+        return [scale * len(c) for c in completions]
+
+    bound = build_reward("test_scaled_len", {"scale": 2.0})
+    assert bound(["p", "q"], ["ab", "abc"]) == [4.0, 6.0] and bound.__name__ == "scaled_len"
+    assert build_reward("test_scaled_len") is scaled_len
+
+    built = []
+
+    @register_reward_factory("test_threshold")
+    def threshold(level: float = 0.5):
+        built.append(level)
+        return lambda prompts, completions, **kw: [float(len(c) > level) for c in completions]
+
+    a, b = build_reward("test_threshold", {"level": 2}), build_reward("test_threshold", {"level": 2})
+    assert a is b and built == [2] and a([""] * 2, ["a", "abc"]) == [0.0, 1.0]
+    assert build_reward("test_threshold", {"level": 0}) is not a and built == [2, 0]
+    assert "test_threshold" in available_rewards()
+    with pytest.raises(TypeError, match=r"reward 'test_threshold': bad args \['lvl'\].*level"):
+        build_reward("test_threshold", {"lvl": 1})
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward_factory("test_scaled_len")(threshold)

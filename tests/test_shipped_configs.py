@@ -27,3 +27,17 @@ def test_config_loads(path):
     assert cfg.rewards and cfg.max_steps > 0
     if "papo" in path.name:
         assert cfg.papo.enabled and cfg.papo.kl_estimator == "k3"
+
+
+@pytest.mark.parametrize("name,beta,condition", [("llamagen_c2i_xl_384.yaml", 0.1, "c2i"),
+                                                 ("llamagen_t2i_xl_256.yaml", 1.0, "t2i")])
+def test_llamagen_configs_use_ar_grpo_settings(name, beta, condition):
+    from image_gen import task as image_task
+    from mmrl.rewards import available_rewards
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "image_gen" / name,
+                      section_types=image_task.SECTION_TYPES)
+    assert (cfg.group_size, cfg.model.cfg_scale, cfg.optim.lr, cfg.algorithm.beta) == (8, 2.0, 1e-5, beta)
+    assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p) == (1.0, 0, 1.0)
+    assert cfg.model.condition == condition and cfg.model.gpt_config == "GPT-XL"
+    assert all(r.name in available_rewards() for r in cfg.rewards)
