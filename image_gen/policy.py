@@ -2,6 +2,10 @@
 :class:`mmrl.policy.Policy`, so AR-GRPO runs through the same trainer, group sampling and advantages as
 the VLM work.
 
+Conditions: class ids (c2i) or, for text-conditional (t2i) models, T5 caption features of each record's
+``prompt`` from the policy's ``text_encoder`` (features + mask ride in the rollout, so log-prob
+recomputation sees exactly what the sampler saw).
+
 A "completion" is the sequence of image tokens (h·w of them, always the same length: the mask is all
 ones); :meth:`ARImagePolicy.decode` turns them into images for the reward functions.
 

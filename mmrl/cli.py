@@ -3,6 +3,8 @@
     mmrl train CONFIG.yaml [key=value ...]   cold start (if configured) → held-out eval → GRPO → eval
     mmrl sft   CONFIG.yaml [key=value ...]   supervised cold start only; saves a model loadable by path
     mmrl rewards                            list registered reward functions
+    mmrl eval --model M --benchmarks a,b ...  VLM benchmarks (vision.evaluate; `mmrl eval -h`)
+    mmrl eval-gen --model M --suite ...       image-generation evaluation (image_gen.evaluate)
 
 This module (and :data:`TASKS`) is the one place that knows about the task packages; it imports
 them by name only when a config asks for them.
@@ -24,6 +26,9 @@ logger = logging.getLogger("mmrl")
 
 # task name -> module providing SECTION_TYPES, build(cfg) and optionally cold_start(cfg, task)
 TASKS = {"vision": "vision.task", "image_gen": "image_gen.task"}
+# command -> module with ``cli_main(argv) -> int`` that parses its own flags
+EVAL_COMMANDS = {"eval": ("vision.evaluate", "evaluate a VLM on multimodal benchmarks (or re-score predictions)"),
+                 "eval-gen": ("image_gen.evaluate", "evaluate an image generator (GenEval-like suite, FID/IS/KID, CLIP)")}
 
 
 def _task_module(name: str):
@@ -148,10 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     p = sub.add_parser("rewards", help="list registered reward functions")
     p.set_defaults(fn=cmd_rewards)
+    for name, (_module, help_text) in EVAL_COMMANDS.items():  # listed here; their flags are their own
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _forward(command: str, argv: list[str], verbose: bool) -> int:
+    module = importlib.import_module(EVAL_COMMANDS[command][0])
+    try:
+        return module.cli_main(argv)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mmrl {command}: error: {message}", file=sys.stderr)
+        if verbose:
+            raise
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    rest = argv[1:] if verbose else argv
+    if rest and rest[0] in EVAL_COMMANDS:
+        _setup_logging(verbose)
+        return _forward(rest[0], rest[1:], verbose)
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -116,10 +116,11 @@ def test_extract_choice_letter_custom_letters():
         (r"\boxed{24 \text{m}^{2}}", "24", "number", {"unit": "m^2"}, r"24 \text{m}^{2}", True),
         (r"\boxed{2x^2}", "2", "number", {}, "2x^2", False),  # an exponent is not the answer
         (r"\boxed{1,000}", "1000", "number", {}, "1,000", True),
-        # numbers: MathVista precision (rounding half up)
+        # numbers: MathVista precision (Python's round, as MathVista's scorer: round(1.45, 1) == 1.4)
         (r"\boxed{1.4500001}", "1.45", "number", {"precision": 2}, "1.4500001", True),
         (r"\boxed{1.46}", "1.45", "number", {"precision": 2}, "1.46", False),
-        (r"\boxed{1.45}", "1.5", "number", {"precision": 1}, "1.45", True),
+        (r"\boxed{1.45}", "1.5", "number", {"precision": 1}, "1.45", False),
+        (r"\boxed{1.46}", "1.5", "number", {"precision": 1}, "1.46", True),
         (r"\boxed{1.44}", "1.5", "number", {"precision": 1}, "1.44", False),
         (r"\boxed{3.0}", "3", "number", {"precision": 0}, "3.0", True),
         # math: symbolic equivalence

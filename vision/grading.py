@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 from vision.rewards import (
     MATH_VERIFY_TIMEOUT_S,
@@ -244,10 +243,10 @@ def _candidates(parsed: tuple[float, bool]) -> tuple[float, ...]:
     return (value, value / 100.0) if is_percent else (value,)
 
 
-def _rounded(value: float, precision: int) -> Decimal:
-    # Half-up on the shortest decimal repr, so 1.45 -> 1.5 as a person rounds it. MathVista's scorer
-    # uses Python's round(), which gives 1.4 here (binary 1.45 is 1.4499...); only exact ties differ.
-    return Decimal(repr(value)).quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_UP)
+def _rounded(value: float, precision: int) -> float:
+    # Python's round(), as MathVista's scorer does (``round(float(x), precision)``), so numbers match
+    # the published ones exactly — including its binary ties (round(1.45, 1) == 1.4).
+    return round(value, precision)
 
 
 def _number(text: str, unit: str | None) -> tuple[float, bool] | None:
@@ -263,10 +262,7 @@ def _numbers_equal(prediction: str, gold: str, precision: int | None, unit: str 
     pairs = [(p, g) for p in _candidates(pred_parsed) for g in _candidates(gold_parsed)]
     if precision is None:  # the rewards' tolerance (vision.rewards.numbers_match)
         return any(math.isclose(p, g, rel_tol=1e-4, abs_tol=1e-6) for p, g in pairs)
-    try:
-        return any(_rounded(p, precision) == _rounded(g, precision) for p, g in pairs)
-    except InvalidOperation:  # a value too large for the requested precision
-        return False
+    return any(_rounded(p, precision) == _rounded(g, precision) for p, g in pairs)
 
 
 # --- lists -------------------------------------------------------------------------------------
