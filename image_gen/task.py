@@ -14,6 +14,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -39,6 +40,11 @@ TINY_DIR = Path(__file__).parent / "assets" / "tiny"
 class ImageGenModelConfig:
     """The ``model:`` section of an image-generation config."""
 
+    # llamagen: our LlamaGen GPT + a VQ (the fields below) | janus: Janus-Pro through transformers
+    # (image_gen.janus; name_or_path + dtype, the GPT/VQ/text fields do not apply)
+    backend: str = "llamagen"
+    name_or_path: str | None = None  # janus: hub id (deepseek-community/Janus-Pro-1B) or local directory
+    dtype: str = "bfloat16"  # janus: weights dtype
     gpt: str = "tiny"  # "tiny" | LlamaGen checkpoint file | directory saved by an mmrl checkpoint
     gpt_config: str = "GPT-XL"  # LlamaGen size preset for a checkpoint file (GPT-B/L/XL/XXL/XXXL)
     num_classes: int = 1000  # for a LlamaGen C2I checkpoint
@@ -82,7 +88,7 @@ SECTION_TYPES = {"model": ImageGenModelConfig, "data": ImageGenDataConfig}
 
 @dataclass
 class ImageGenTask:
-    policy: ARImagePolicy
+    policy: ARImagePolicy  # or image_gen.janus.JanusImagePolicy (model.backend: janus)
     train_dataset: list[dict]
     eval_dataset: list[dict] | None
 
@@ -190,7 +196,35 @@ def _records(cfg: ImageGenDataConfig, model_config) -> tuple[list[dict], list[di
     return train, evaluation
 
 
+def _build_janus(cfg: TrainConfig):
+    from image_gen.janus import build_janus_policy
+
+    if not cfg.model.name_or_path:
+        raise ValueError("model.backend=janus needs model.name_or_path (e.g. deepseek-community/Janus-Pro-1B "
+                         "or a local directory in transformers' Janus format)")
+    return build_janus_policy(cfg.model.name_or_path, cfg.model.cfg_scale, cfg.model.logprob_mode,
+                              tuple(cfg.model.cfg_interval), cfg.model.use_cache, cfg.logprob_chunk_size,
+                              dtype=cfg.model.dtype)
+
+
+def _check_rewards(cfg: TrainConfig, train: list[dict]) -> None:
+    # A broken reward (bad model path, wrong signature) must fail now, not after the first rollout.
+    sample = train[0]
+    spec = sample.get("spec")
+    image = render_spec(spec, size=64) if spec else torch.rand(3, 64, 64)
+    dry_run([build_reward(r.name, r.args) for r in cfg.rewards], sample["prompt"], image, spec)
+
+
 def build(cfg: TrainConfig) -> ImageGenTask:
+    if cfg.model.backend not in ("llamagen", "janus"):
+        raise ValueError(f"model.backend={cfg.model.backend!r}; valid: ['janus', 'llamagen']")
+    if cfg.model.backend == "janus":
+        policy = _build_janus(cfg)  # text-conditional: prompts, not class ids
+        train, evaluation = _records(cfg.data, SimpleNamespace(model_type="t2i", num_classes=0))
+        _check_rewards(cfg, train)
+        logger.info("Janus generator: %.2fM trainable parameters; %d training prompts",
+                    sum(p.numel() for p in policy.model.parameters() if p.requires_grad) / 1e6, len(train))
+        return ImageGenTask(policy, train, evaluation)
     model = _load_gpt(cfg.model)
     tokenizer = _load_vq(cfg.model)
     train, evaluation = _records(cfg.data, model.config)
@@ -199,11 +233,7 @@ def build(cfg: TrainConfig) -> ImageGenTask:
         text_encoder = T5TextEncoder(cfg.model.text_encoder, max_length=model.config.cls_token_num)
     policy = ARImagePolicy(model, tokenizer, cfg.model.cfg_scale, tuple(cfg.model.cfg_interval),
                            cfg.model.logprob_mode, cfg.model.use_cache, cfg.logprob_chunk_size, text_encoder)
-    # A broken reward (bad model path, wrong signature) must fail now, not after the first rollout.
-    sample = train[0]
-    spec = sample.get("spec")
-    image = render_spec(spec, size=64) if spec else torch.rand(3, 64, 64)
-    dry_run([build_reward(r.name, r.args) for r in cfg.rewards], sample["prompt"], image, spec)
+    _check_rewards(cfg, train)
     logger.info("AR generator: %.2fM parameters, %d tokens per image; %d training conditions",
                 sum(p.numel() for p in model.parameters()) / 1e6, model.config.block_size, len(train))
     return ImageGenTask(policy, train, evaluation)

@@ -215,6 +215,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted no/yes/off/on as booleans
+            raise ConfigError(f"{where}: expected a string, got {value!r} (YAML reads unquoted no/yes/off/on "
+                              f"as booleans: quote it, e.g. {where}='no')")
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 

@@ -237,3 +237,9 @@ def test_to_dict_plain_types():
     assert plain == {"lr": 1e-6, "weight_decay": 0.0, "betas": [0.9, 0.999], "max_grad_norm": 1.0,
                      "warmup_steps": 0, "scheduler": "constant"}
     assert to_dict({"a": (1, 2)}) == {"a": [1, 2]}
+
+
+def test_unquoted_yaml_no_gets_a_hint(tmp_path):
+    with pytest.raises(ConfigError, match="quote it"):
+        load_config(write(tmp_path, "mixed_precision: no\n"))
+    assert load_config(write(tmp_path, "mixed_precision: 'no'\n")).mixed_precision == "no"
