@@ -168,6 +168,16 @@ def _pool(category: str) -> list[dict[str, Any]]:
     raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
 
 
+def category_specs(category: str, split: str | None = None) -> list[dict[str, Any]]:
+    """Every spec a category draws from (normalised copies, fixed order); ``split`` None means both.
+
+    For evaluation suites that enumerate prompts instead of sampling them with :func:`make_prompts`.
+    """
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+    return [normalize_spec(s) for s in _pool(category) if split is None or split_of_spec(s) == split]
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
