@@ -11,7 +11,9 @@ import pytest
 from mmrl.cli import TASKS
 from mmrl.config import load_config, load_yaml
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+EVAL_CONFIGS = sorted((ROOT / "eval").glob("*.yaml"))  # `mmrl eval --config`, not training configs
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p not in EVAL_CONFIGS)
 
 
 def test_configs_exist():
@@ -41,3 +43,12 @@ def test_llamagen_configs_use_ar_grpo_settings(name, beta, condition):
     assert (cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p) == (1.0, 0, 1.0)
     assert cfg.model.condition == condition and cfg.model.gpt_config == "GPT-XL"
     assert all(r.name in available_rewards() for r in cfg.rewards)
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_eval_config_loads(path):
+    from vision.benchmarks import available_benchmarks
+    from vision.evaluate import load_eval_config
+
+    cfg = load_eval_config(path)
+    assert cfg.benchmarks and set(cfg.benchmarks) <= set(available_benchmarks())

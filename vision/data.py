@@ -21,7 +21,7 @@ import io
 import logging
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 SYNTHETIC_PREFIX = "synthetic:"
+BENCHMARK_PREFIX = "benchmark:"  # data.eval only: a registry benchmark (vision.benchmarks) as the held-out set
 # Local data formats by extension -> the datasets packaged builder that reads them.
 DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Split names recognised in the file names of a data directory (train.jsonl, test-00000.parquet, ...).
@@ -62,8 +63,11 @@ class VisionDataConfig:
     # Training data: a Hub dataset id, a local .json/.jsonl/.parquet file or a directory of them,
     # or "synthetic:NAME" (a generated task from vision.synthetic).
     train: str = "synthetic:colour_at_position"
-    # Evaluation data in the same forms; None means no evaluation set.
+    # Evaluation data in the same forms, or "benchmark:NAME" (a vision.benchmarks entry, graded by the
+    # benchmark_accuracy reward); None means no evaluation set.
     eval: str | None = None
+    # Local copy of that benchmark (folder, file or save_to_disk folder); None loads it from the Hub.
+    eval_benchmark_path: str | None = None
     # Split read for train / eval (Hub datasets, split-named files in a directory, synthetic tasks,
     # whose "test" split is held out from "train"). A single local file is its own split.
     train_split: str = "train"
@@ -218,6 +222,67 @@ def _without_image_decoding(features: datasets.Features) -> datasets.Features:
     return datasets.Features(features)
 
 
+class LazyRows(Sequence):
+    """Rows of a list or a ``datasets.Dataset``, one dict per ``[i]``. A Dataset is read as Arrow with image
+    decoding off: images come back as ``{"bytes", "path"}`` dicts that the caller decodes, so a corrupt image
+    fails for its own row (not inside datasets) and the dataset is not cast (rewritten) up front."""
+
+    def __init__(self, rows: list[dict] | datasets.Dataset):
+        if isinstance(rows, list):
+            self._rows: Any = rows
+            self.columns = list(dict.fromkeys(k for row in rows for k in row))
+        else:
+            self._rows = rows.with_format("arrow")
+            self._features = _without_image_decoding(rows.features)
+            self.columns = list(rows.column_names)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        if isinstance(self._rows, list):
+            return self._rows[index]
+        return self._features.decode_example(self._rows[index].to_pylist()[0])  # one-row Arrow table
+
+
+def interleave_images(text: str, num_images: int) -> list[dict]:
+    """Chat content parts for ``text`` whose ``<image>`` placeholders mark where the images go (no
+    placeholders: all images first). Raises BadSample when placeholders and images disagree."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    texts = [{"type": "text", "text": t.strip()} for t in pieces]
+    if len(pieces) == 1:
+        parts = [{"type": "image"} for _ in range(num_images)] + texts
+    elif len(pieces) - 1 != num_images:
+        raise BadSample(f"the problem has {len(pieces) - 1} {IMAGE_PLACEHOLDER!r} placeholders but the row "
+                        f"has {num_images} images")
+    else:
+        parts = [texts[0], *(p for t in texts[1:] for p in ({"type": "image"}, t))]
+    return [p for p in parts if p["type"] == "image" or p["text"]]  # drop empty text between images
+
+
+def load_image(src: Any, k: int, resolve: Callable[[str], Path] = Path) -> Image.Image:
+    """Decode image ``k`` of a row: PIL, a path (made absolute by ``resolve``), an HF ``{"bytes", "path"}``
+    dict or raw bytes. Raises BadSample (with the reason) when it is unusable."""
+    if isinstance(src, Image.Image):
+        return _to_rgb(src)
+    if isinstance(src, dict):  # Hugging Face Image storage: bytes win, path is a fallback
+        src = src.get("bytes") or src.get("path")
+        if not src:
+            raise BadSample(f"image {k} has neither bytes nor path")
+    if isinstance(src, (str, os.PathLike)):
+        path = resolve(os.fspath(src))
+        if not path.is_file():
+            raise BadSample(f"image {k}: file not found: {str(path)!r}")
+        src = path
+    elif not isinstance(src, (bytes, bytearray, memoryview)):
+        raise BadSample(f"image {k} is a {type(src).__name__}, not an image, path or bytes")
+    try:
+        return _decode(src)
+    except Exception as exc:  # PIL raises many types for bad data (OSError, SyntaxError, ...)
+        where = f"image {k} ({str(src)!r})" if isinstance(src, Path) else f"image {k}"
+        raise BadSample(f"{where} cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
 @dataclass
 class _Layout:
     kind: str  # "easyr1" or "trl"
@@ -234,16 +299,8 @@ class VisionDataset(Sequence):
         self.config, self.name = config or VisionDataConfig(), name
         self.source_dir = Path(source_dir) if source_dir is not None else None
         resolve_template(self.config.template)  # fail now, not once per row as a skipped sample
-        if isinstance(rows, list):
-            self._rows: Any = rows
-            self.columns = list(dict.fromkeys(k for row in rows for k in row))
-        else:
-            # Rows are read as Arrow and decoded with image decoding off: images come back as
-            # {"bytes", "path"} dicts that we decode, so a corrupt image is a BadSample for its row
-            # instead of an error inside datasets, and the dataset is not cast (rewritten) up front.
-            self._rows = rows.with_format("arrow")
-            self._features = _without_image_decoding(rows.features)
-            self.columns = list(rows.column_names)
+        self._rows = LazyRows(rows)
+        self.columns = self._rows.columns
         self.layout = self._detect_layout()
         reserved = {"prompt", "images", "answer"}  # record keys this class owns
         used = {self.layout.text_col, self.layout.image_col, self.layout.answer_col}
@@ -279,9 +336,7 @@ class VisionDataset(Sequence):
         return len(self._rows)
 
     def _row(self, index: int) -> dict:
-        if isinstance(self._rows, list):
-            return self._rows[index]
-        return self._features.decode_example(self._rows[index].to_pylist()[0])  # one-row Arrow table
+        return self._rows[index]
 
     def __getitem__(self, index: int) -> dict:  # type: ignore[override]
         index = range(len(self))[operator.index(index)]  # negative indices; IndexError when out of range
@@ -309,16 +364,7 @@ class VisionDataset(Sequence):
         if not isinstance(problem, str):
             raise BadSample(f"column {self.layout.text_col!r} holds {type(problem).__name__}, not text")
         sources = _as_list(row.get(self.layout.image_col))
-        pieces = apply_template(problem, self.config.template).split(IMAGE_PLACEHOLDER)
-        texts = [{"type": "text", "text": t.strip()} for t in pieces]
-        if len(pieces) == 1:
-            parts = [{"type": "image"} for _ in sources] + texts
-        elif len(pieces) - 1 != len(sources):
-            raise BadSample(f"the problem has {len(pieces) - 1} {IMAGE_PLACEHOLDER!r} placeholders but the row "
-                            f"has {len(sources)} images")
-        else:
-            parts = [texts[0], *(p for text in texts[1:] for p in ({"type": "image"}, text))]
-        parts = [p for p in parts if p["type"] == "image" or p["text"]]  # drop empty text between images
+        parts = interleave_images(apply_template(problem, self.config.template), len(sources))
         return [{"role": "user", "content": parts}], sources
 
     def _trl_prompt(self, row: dict) -> tuple[list[dict], list]:
@@ -370,24 +416,7 @@ class VisionDataset(Sequence):
         return base / p if base is not None and (base / p).exists() else p
 
     def _load_image(self, src: Any, k: int) -> Image.Image:
-        if isinstance(src, Image.Image):
-            return _to_rgb(src)
-        if isinstance(src, dict):  # Hugging Face Image storage: bytes win, path is a fallback
-            src = src.get("bytes") or src.get("path")
-            if not src:
-                raise BadSample(f"image {k} has neither bytes nor path")
-        if isinstance(src, (str, os.PathLike)):
-            path = self._resolve(os.fspath(src))
-            if not path.is_file():
-                raise BadSample(f"image {k}: file not found: {str(path)!r}")
-            src = path
-        elif not isinstance(src, (bytes, bytearray, memoryview)):
-            raise BadSample(f"image {k} is a {type(src).__name__}, not an image, path or bytes")
-        try:
-            return _decode(src)
-        except Exception as exc:  # PIL raises many types for bad data (OSError, SyntaxError, ...)
-            where = f"image {k} ({str(src)!r})" if isinstance(src, Path) else f"image {k}"
-            raise BadSample(f"{where} cannot be decoded: {type(exc).__name__}: {exc}") from None
+        return load_image(src, k, self._resolve)
 
 
 def _source_dir(source: str) -> Path | None:
@@ -395,13 +424,19 @@ def _source_dir(source: str) -> Path | None:
     return path.parent if path.is_file() else path if path.is_dir() else None
 
 
-def build_datasets(cfg: VisionDataConfig) -> tuple[VisionDataset, VisionDataset | None]:
-    """(train, eval) datasets for a config; eval is None when ``cfg.eval`` is unset."""
+def build_datasets(cfg: VisionDataConfig) -> tuple[VisionDataset, Sequence[dict] | None]:
+    """(train, eval) datasets for a config; eval is None when ``cfg.eval`` is unset, a
+    :class:`vision.benchmarks.BenchmarkRecords` for ``"benchmark:NAME"``, else a VisionDataset."""
     common = {"seed": cfg.seed, "synthetic_options": cfg.synthetic_options}
     train_rows = load_rows(cfg.train, cfg.train_split, num_samples=cfg.max_train_samples, **common)
     train = VisionDataset(train_rows, cfg, _source_dir(cfg.train), name=f"train data {cfg.train!r}")
     if not cfg.eval:
         return train, None
+    if cfg.eval.startswith(BENCHMARK_PREFIX):
+        from vision.benchmarks import BenchmarkRecords, load_benchmark  # lazy: imports the registry
+
+        bench = load_benchmark(cfg.eval[len(BENCHMARK_PREFIX):], cfg.eval_benchmark_path, cfg.max_eval_samples)
+        return train, BenchmarkRecords(bench, cfg.template, cfg.system_prompt)
     # A smaller default for a generated eval set: it is scored often during training.
     n_eval = {"num_samples": cfg.max_eval_samples, "default_synthetic_samples": 256}
     eval_rows = load_rows(cfg.eval, cfg.eval_split, **n_eval, **common)

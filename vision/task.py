@@ -11,12 +11,14 @@ Used by ``mmrl train`` / ``mmrl sft`` (via :data:`mmrl.cli.TASKS`) and usable fr
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmrl.config import TrainConfig
+from vision import benchmarks as _benchmarks  # noqa: F401  (registers the benchmark_accuracy reward)
 from vision import rewards as _rewards  # noqa: F401  (registers the vision reward functions)
-from vision.data import VisionDataConfig, VisionDataset, build_datasets
+from vision.data import BENCHMARK_PREFIX, VisionDataConfig, VisionDataset, build_datasets
 from vision.masking import MaskingConfig
 from vision.modeling import VisionModelConfig, load_model_and_processor
 from vision.policy import VisionPolicy
@@ -32,12 +34,16 @@ SECTION_TYPES = {"model": VisionModelConfig, "data": VisionDataConfig, "cold_sta
 class VisionTask:
     policy: VisionPolicy
     train_dataset: VisionDataset
-    eval_dataset: VisionDataset | None
+    eval_dataset: Sequence[dict] | None  # a VisionDataset, or BenchmarkRecords for data.eval "benchmark:NAME"
 
 
 def build(cfg: TrainConfig) -> VisionTask:
     model, processor = load_model_and_processor(cfg.model)
     train, evaluation = build_datasets(cfg.data)
+    if (cfg.data.eval or "").startswith(BENCHMARK_PREFIX) and cfg.eval.reward != "benchmark_accuracy":
+        # Benchmark records carry answer_type/choices; only benchmark_accuracy grades with the benchmark's rule.
+        logger.warning("data.eval is %s but eval.reward is %r; set eval.reward: benchmark_accuracy to grade it "
+                       "with the benchmark's rule", cfg.data.eval, cfg.eval.reward)
     logger.info("model %s (%.2fM parameters); %d training prompts, %s held-out", cfg.model.name_or_path,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(train),
                 len(evaluation) if evaluation is not None else "no")
