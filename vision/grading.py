@@ -24,6 +24,7 @@ from vision.rewards import (
     SHORT_ANSWER_CHARS,
     answers_match,
     extract_boxed,
+    matching_brace,
     normalize_answer,
     parse_number,
 )
@@ -48,28 +49,10 @@ _SENTENCE_END_RE = re.compile(r"\.\s")  # "5. So ..." ends the answer; "3.5" doe
 _WRAP_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox)\s*\{")
 
 
-def _matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_index`` (escaped braces skipped), else None."""
-    depth, i = 0, open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def _unwrap_whole(text: str) -> str:
     """``\\text{...}`` (and friends) removed when it wraps the *whole* answer, brace-matched."""
     match = _WRAP_CMD_RE.match(text)
-    if match and _matching_brace(text, match.end() - 1) == len(text) - 1:
+    if match and matching_brace(text, match.end() - 1) == len(text) - 1:
         return text[match.end() : -1]
     return text
 

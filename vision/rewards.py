@@ -62,24 +62,31 @@ def completion_text(completion: Any) -> str:
     return "\n".join(texts)
 
 
+def matching_brace(text: str, open_index: int) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_index``, else None. Escaped characters are skipped:
+    ``\\{`` and ``\\}`` are literal braces, not grouping."""
+    depth, i = 0, open_index
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
 def _boxed_spans(text: str) -> list[str | None]:
     """Content of every ``\\boxed{...}`` in order, ``None`` for one whose braces never close."""
     out: list[str | None] = []
     for match in re.finditer(r"\\boxed\s*\{", text):
-        depth, i, start = 1, match.end(), match.end()
-        while i < len(text):
-            char = text[i]
-            if char == "\\":  # skip the escaped character: \{ and \} are literal braces, not grouping
-                i += 2
-                continue
-            if char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            i += 1
-        out.append(text[start:i] if depth == 0 else None)
+        close = matching_brace(text, match.end() - 1)
+        out.append(None if close is None else text[match.end():close])
     return out
 
 
