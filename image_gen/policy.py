@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_model
 
 from image_gen.sampling import cfg_scales, sample_image_tokens
+from image_gen.text_encoder import TEXT_ENCODER_FILE
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 
@@ -136,5 +137,8 @@ class ARImagePolicy:
         inner = unwrap_model(model)
         save_model(inner, str(out / "model.safetensors"))
         (out / "gpt_config.json").write_text(json.dumps(vars(inner.config), indent=1, default=str))
+        if self.text_encoder is not None:  # so the saved model loads with the T5 it was trained with
+            (out / TEXT_ENCODER_FILE).write_text(json.dumps(
+                {"name_or_path": getattr(self.text_encoder, "source", None), "max_length": inner.config.cls_token_num}))
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(out / "vq"))

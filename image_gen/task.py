@@ -26,7 +26,7 @@ from image_gen.gpt import GPT, GPTConfig, get_config, load_llamagen_checkpoint
 from image_gen.policy import ARImagePolicy
 from image_gen.prompts import make_prompts, render_spec
 from image_gen.rewards import dry_run
-from image_gen.text_encoder import T5TextEncoder
+from image_gen.text_encoder import LLAMAGEN_T5, TEXT_ENCODER_FILE, T5TextEncoder
 from image_gen.vq import DiffusersVQ, load_llamagen_vq
 from mmrl.config import TrainConfig
 from mmrl.rewards import build_reward
@@ -34,6 +34,8 @@ from mmrl.rewards import build_reward
 logger = logging.getLogger(__name__)
 
 TINY_DIR = Path(__file__).parent / "assets" / "tiny"
+# The tiny text-conditional prior + its tiny T5 (scripts/build_tiny_t2i.py); it uses TINY_DIR's VQ.
+TINY_T2I_DIR = Path(__file__).parent / "assets" / "tiny_t2i"
 
 
 @dataclass
@@ -45,12 +47,14 @@ class ImageGenModelConfig:
     backend: str = "llamagen"
     name_or_path: str | None = None  # janus: hub id (deepseek-community/Janus-Pro-1B) or local directory
     dtype: str = "bfloat16"  # janus: weights dtype
-    gpt: str = "tiny"  # "tiny" | LlamaGen checkpoint file | directory saved by an mmrl checkpoint
+    gpt: str = "tiny"  # "tiny" | "tiny_t2i" | LlamaGen checkpoint file | directory saved by an mmrl checkpoint
     gpt_config: str = "GPT-XL"  # LlamaGen size preset for a checkpoint file (GPT-B/L/XL/XXL/XXXL)
     num_classes: int = 1000  # for a LlamaGen C2I checkpoint
     image_size: int = 256  # for a LlamaGen checkpoint: block_size = (image_size / 16)²
     condition: str = "c2i"  # for a LlamaGen checkpoint file: c2i (class ids) | t2i (T5 caption features)
-    text_encoder: str = "google/flan-t5-xl"  # t2i only: T5 hub id or local dir (LlamaGen: flan-t5-xl)
+    # t2i only: T5 hub id or local dir | "tiny" (the tiny_t2i model's). None: the one recorded with a saved
+    # model (text_encoder.json), "tiny" for gpt: tiny_t2i, else LlamaGen's google/flan-t5-xl.
+    text_encoder: str | None = None
     text_max_length: int = 120  # t2i checkpoint file: caption tokens (LlamaGen's cls_token_num: 120)
     caption_dim: int = 2048  # t2i checkpoint file: T5 feature size (flan-t5-xl: 2048)
     vq: str = "tiny"  # "tiny" | diffusers VQModel dir or hub id | LlamaGen VQ checkpoint file (.pt/.safetensors)
@@ -109,8 +113,8 @@ def _load_gpt(cfg: ImageGenModelConfig) -> GPT:
         model = GPT(config)
         model.load_state_dict(load_file(str(TINY_DIR / "gpt.safetensors")))
         return model
-    path = Path(cfg.gpt)
-    if path.is_dir():  # an mmrl checkpoint's model/ directory
+    path = TINY_T2I_DIR if cfg.gpt == "tiny_t2i" else Path(cfg.gpt)
+    if path.is_dir():  # an mmrl checkpoint's model/ directory (or the shipped tiny_t2i)
         config = GPTConfig(**json.loads((path / "gpt_config.json").read_text()))
         model = GPT(config)
         model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -123,6 +127,16 @@ def _load_gpt(cfg: ImageGenModelConfig) -> GPT:
     config = get_config(cfg.gpt_config, model_type=cfg.condition, num_classes=cfg.num_classes,
                         block_size=(cfg.image_size // 16) ** 2, **text)
     return load_llamagen_checkpoint(path, config)
+
+
+def _text_encoder_source(cfg: ImageGenModelConfig) -> str:
+    """Which T5 a t2i model reads (see ``ImageGenModelConfig.text_encoder``)."""
+    if cfg.text_encoder:
+        return cfg.text_encoder
+    recorded = Path(cfg.gpt) / TEXT_ENCODER_FILE
+    if recorded.is_file():  # saved next to the weights by ARImagePolicy.save_pretrained
+        return json.loads(recorded.read_text())["name_or_path"]
+    return "tiny" if cfg.gpt == "tiny_t2i" else LLAMAGEN_T5
 
 
 def _load_vq(cfg: ImageGenModelConfig):
@@ -230,7 +244,9 @@ def build(cfg: TrainConfig) -> ImageGenTask:
     train, evaluation = _records(cfg.data, model.config)
     text_encoder = None
     if model.config.model_type == "t2i":  # the window is the model's: LlamaGen's T2I models use 120 tokens
-        text_encoder = T5TextEncoder(cfg.model.text_encoder, max_length=model.config.cls_token_num)
+        source = _text_encoder_source(cfg.model)
+        name = str(TINY_T2I_DIR / "t5") if source == "tiny" else source
+        text_encoder = T5TextEncoder(name, max_length=model.config.cls_token_num, source=source)
     policy = ARImagePolicy(model, tokenizer, cfg.model.cfg_scale, tuple(cfg.model.cfg_interval),
                            cfg.model.logprob_mode, cfg.model.use_cache, cfg.logprob_chunk_size, text_encoder)
     _check_rewards(cfg, train)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 LLAMAGEN_T5 = "google/flan-t5-xl"
 LLAMAGEN_T5_MAX_LENGTH = 120
+TEXT_ENCODER_FILE = "text_encoder.json"  # saved with a t2i model: which T5 it reads
 
 
 def right_align(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,8 @@ class T5TextEncoder:
     """
 
     def __init__(self, name_or_path: str = LLAMAGEN_T5, max_length: int = LLAMAGEN_T5_MAX_LENGTH,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 source: str | None = None) -> None:
         from transformers import AutoTokenizer, T5EncoderModel
 
         if max_length < 1:
@@ -72,6 +74,7 @@ class T5TextEncoder:
         self.model.to(self.device).eval().requires_grad_(False)
         self.max_length = max_length
         self.dim = self.model.config.d_model
+        self.source = source or name_or_path  # what a config named (e.g. "tiny"), recorded with saved models
 
     def _check(self, prompts: Sequence[str]) -> list[str]:
         texts = []

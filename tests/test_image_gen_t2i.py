@@ -146,3 +146,24 @@ def test_t2i_ar_grpo_runs_through_the_cli(tmp_path, t5_dir):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.0 <= row["reward"] <= 1.0 for row in rows)
     assert (tmp_path / "run" / "samples_after.png").exists()
+
+
+def test_shipped_tiny_t2i_demo_runs_and_saved_model_remembers_its_text_encoder(tmp_path):
+    """configs/image_gen/demo_t2i.yaml (shipped tiny T5 + t2i prior): a short run; the checkpoint records
+    its text encoder, so it reloads — e.g. for `mmrl eval-gen` — with no text_encoder setting."""
+    from image_gen import task as image_task
+    from mmrl.cli import main
+    from mmrl.config import load_config
+
+    code = main(["train", "configs/image_gen/demo_t2i.yaml", f"output_dir={tmp_path}", "max_steps=2",
+                 "data.num_eval=4", "prompts_per_step=2", "group_size=2", "logging.progress_bar=false",
+                 "logging.report_to=[jsonl]", "eval.before_training=false"])
+    assert code == 0
+    saved = tmp_path / "checkpoint-2" / "model"
+    assert json.loads((saved / "text_encoder.json").read_text()) == {"name_or_path": "tiny", "max_length": 16}
+    cfg = load_config("configs/image_gen/demo_t2i.yaml", [f"model.gpt={saved}", "model.text_encoder=null"],
+                      section_types=image_task.SECTION_TYPES)
+    policy = image_task.build(cfg).policy
+    assert policy.text_encoder.source == "tiny" and policy.model.config.model_type == "t2i"
+    features, mask = policy.text_encoder.encode(["a circle that is red"])
+    assert features.shape == (1, 16, 32) and mask.sum() == 6  # 5 words + </s>
