@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -379,16 +379,22 @@ def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[di
                     sampling: Sampling, batch_size: int = 32, max_samples: int | None = None,
                     show_progress: bool = True) -> dict[str, float]:
     """Mean of ``reward`` over one completion per record of ``dataset``, sampled with ``sampling``
-    (``temperature=0`` for greedy). A record that fails to load counts as wrong and is reported."""
+    (``temperature=0`` for greedy). A record that fails to load counts as wrong and is reported.
+
+    With several processes (``accelerate launch``) each evaluates every N-th record and the scores are
+    gathered with accelerate's ``gather_object``, so all processes return the same numbers."""
     fn = get_reward(reward)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    state = PartialState()
+    mine = list(range(state.process_index, n, state.num_processes))
     scores: list[float] = []
     errors = 0
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not show_progress, leave=False):
+    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False,
+                      disable=not show_progress or not state.is_main_process):
         records = []
-        for i in range(start, min(start + batch_size, n)):
+        for i in mine[start:start + batch_size]:
             try:
                 records.append(dataset[i])
             except BadSample as exc:
@@ -400,6 +406,9 @@ def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[di
         out = compute_rewards([fn], [1.0], rollout.prompts, policy.decode(rollout), rollout.columns)
         scores.extend(out.per_function[:, 0].tolist())
     model.train(was_training)
+    if state.num_processes > 1:
+        scores = gather_object(scores)
+        errors = sum(gather_object([errors]))
     missing = sum(1 for s in scores if math.isnan(s))
     total = len(scores) + errors
     correct = sum(s for s in scores if not math.isnan(s))

@@ -4,6 +4,7 @@ sample grids, the diversity metric, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -68,3 +69,20 @@ def test_broken_reward_fails_at_start_up(tmp_path):
                           section_types=image_task.SECTION_TYPES)
     with pytest.raises(RuntimeError, match="dry-run"):
         image_task.build(raising)
+
+
+def test_nan_reward_for_an_image_is_missing_counted_and_training_goes_on(tmp_path):
+    """A reward that returns NaN for some images: those are missing (advantage 0), the fraction is logged."""
+    reward_file = tmp_path / "flaky.py"
+    reward_file.write_text(
+        "def flaky(prompts, completions, **kw):\n"
+        "    return [float('nan') if i % 4 == 0 else float(c[0].mean()) for i, c in enumerate(completions)]\n")
+    code = main(["train", "configs/image_gen/demo.yaml", f"output_dir={tmp_path / 'run'}", "max_steps=2",
+                 f"rewards=[{{name: {reward_file}:flaky}}]", f"eval.reward={reward_file}:flaky",
+                 "eval.before_training=false", "data.num_eval=8", "logging.progress_bar=false",
+                 "logging.report_to=[jsonl]", "save_final=false"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(row["reward_missing_frac"] == 0.25 for row in rows)  # every 4th image of 64
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["reward"]) for row in rows)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from mmrl.config import ConfigError, from_dict, load_yaml
@@ -131,7 +133,8 @@ def _load_policy(cfg: EvalRunConfig):
 
     model, processor = load_model_and_processor(VisionModelConfig(
         name_or_path=cfg.model, dtype=cfg.dtype, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    # Under `accelerate launch` every process gets its own device (cuda:LOCAL_RANK); alone, cuda if any.
+    device = cfg.device if cfg.device != "auto" else PartialState().device
     return VisionPolicy(model.to(device).eval(), processor)
 
 
@@ -177,16 +180,23 @@ def _generate_batch(policy, batch: list, data: BenchmarkData, cfg: EvalRunConfig
 
 
 def generate_results(policy, data: BenchmarkData, cfg: EvalRunConfig) -> list[ItemResult]:
-    """Sample ``cfg.k`` completions per item in batches and grade them; a load failure is an error item."""
+    """Sample ``cfg.k`` completions per item in batches and grade them; a load failure is an error item.
+
+    Data-parallel under ``accelerate launch``: process r takes items r, r + N, ...; the results are
+    gathered (accelerate's ``gather_object``) so every process returns the full, ordered list."""
     temperature = cfg.temperature if cfg.temperature is not None else (1.0 if cfg.k > 1 else 0.0)
     sampling = Sampling(temperature=temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    torch.manual_seed(cfg.seed)  # per benchmark: results do not depend on which benchmarks ran before
+    state = PartialState()
+    # per benchmark (results do not depend on which benchmarks ran before) and per process (no shared stream)
+    torch.manual_seed(cfg.seed + state.process_index)
     was_training = policy.model.training
     policy.model.eval()
     results: dict[int, ItemResult] = {}
-    bar = tqdm(total=len(data), desc=data.benchmark.name, unit="item", disable=not cfg.progress_bar, dynamic_ncols=True)
+    mine = range(state.process_index, len(data), state.num_processes)
+    bar = tqdm(total=len(mine), desc=data.benchmark.name, unit="item", dynamic_ncols=True,
+               disable=not cfg.progress_bar or not state.is_main_process)
     tokens, start, batch = 0, time.perf_counter(), []
-    for index in range(len(data)):
+    for index in mine:
         item = None
         try:
             item = data[index]
@@ -195,7 +205,7 @@ def generate_results(policy, data: BenchmarkData, cfg: EvalRunConfig) -> list[It
             logger.warning("%s: item %s scored wrong: %s", data.benchmark.name, item.id if item else index, exc)
             results[index] = _failed(data, item, index, f"load error: {exc}", cfg)
             bar.update(1)
-        if len(batch) == cfg.batch_size or (index == len(data) - 1 and batch):
+        if len(batch) == cfg.batch_size or (index == mine[-1] and batch):
             done, n_tokens = _generate_batch(policy, batch, data, cfg, sampling)
             results.update(done)
             tokens += n_tokens
@@ -204,7 +214,10 @@ def generate_results(policy, data: BenchmarkData, cfg: EvalRunConfig) -> list[It
             batch = []
     bar.close()
     policy.model.train(was_training)
-    return [results[i] for i in sorted(results)]
+    pairs = list(results.items())
+    if state.num_processes > 1:
+        pairs = gather_object(pairs)
+    return [result for _, result in sorted(pairs, key=lambda pair: pair[0])]
 
 
 # ---------------------------------------------------------------------------------------- scoring mode
@@ -405,7 +418,7 @@ def run(cfg: EvalRunConfig, policy=None) -> dict[str, dict]:
         summary[UNMATCHED] = {"n": len(unclaimed), "ids": [str(r.get("id")) for r in unclaimed[:50]]}
         all_results += [ItemResult(str(r.get("benchmark")), str(r.get("id")), None, None, _row_outputs(r), [], [],
                                    "unknown id") for r in unclaimed]
-    if cfg.output is not None:
+    if cfg.output is not None and PartialState().is_main_process:
         write_outputs(cfg.output, all_results, summary)
     return summary
 
@@ -472,6 +485,8 @@ def cli_main(argv: list[str]) -> int:
     except (ConfigError, BenchmarkError, FileNotFoundError, ValueError) as exc:
         print(f"mmrl eval: error: {exc}", file=sys.stderr)
         return 2
+    if not PartialState().is_main_process:
+        return 0
     print(markdown_summary(summary), end="")
     if cfg.output is not None:
         print(f"outputs: {Path(cfg.output) / 'summary.json'}, summary.md, predictions.jsonl")
