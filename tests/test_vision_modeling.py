@@ -296,3 +296,15 @@ def test_load_model_weights_missing_files(tmp_path, tiny):
     model, _ = tiny
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model_weights(model, tmp_path)
+
+
+def test_unreachable_hub_id_or_empty_dir_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # as on a machine without network (and without DNS timeouts): read at import, so patch the constant
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="could not load model 'someone/not-cached'.*local directory"):
+        load_model_and_processor(_cfg(name_or_path="someone/not-cached"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="could not load model"):
+        load_model_and_processor(_cfg(name_or_path=str(tmp_path / "empty")))

@@ -196,7 +196,16 @@ def load_model_and_processor(cfg: VisionModelConfig):
                 f"model path {name!r} does not exist. Use a local model directory, a hub id like "
                 f"'Qwen/Qwen2.5-VL-3B-Instruct', or a built-in model: {list(BUILTIN_MODELS)}")
         source = str(local) if local.is_dir() else name
-        config = AutoConfig.from_pretrained(source)
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise FileNotFoundError(f"could not load model {name!r}: the directory has no config.json (not a "
+                                    "transformers model directory; an mmrl checkpoint's model is in checkpoint-N/model)")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as exc:  # offline and not in the local cache, or a directory without config.json
+            raise FileNotFoundError(
+                f"could not load model {name!r}: {str(exc).splitlines()[0]} Download it on a connected machine "
+                "(e.g. `huggingface-cli download ...`) and pass the local directory, or pre-fill the hub cache."
+            ) from exc
         if config.model_type not in PROCESSOR_CLASSES:
             raise ValueError(f"{name!r} is a {config.model_type!r} model; supported: {sorted(PROCESSOR_CLASSES)}")
         kwargs = {"dtype": _resolve_dtype(cfg.dtype)}
