@@ -120,7 +120,7 @@ def _load_gpt(cfg: ImageGenModelConfig) -> GPT:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         return model
     if not path.is_file():
-        raise FileNotFoundError(f"model.gpt={cfg.gpt!r} is neither 'tiny', a checkpoint file nor a directory")
+        raise FileNotFoundError(f"model.gpt={cfg.gpt!r} is neither 'tiny', 'tiny_t2i', a checkpoint file nor a directory")
     if cfg.condition not in ("c2i", "t2i"):
         raise ValueError(f"model.condition={cfg.condition!r}; valid: ['c2i', 't2i']")
     text = {"cls_token_num": cfg.text_max_length, "caption_dim": cfg.caption_dim} if cfg.condition == "t2i" else {}
