@@ -155,7 +155,8 @@ class _FIDInceptionE(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def pool(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The pool branch's pooling: average in E_1, max in E_2 (the subclasses below)."""
+        raise NotImplementedError("use FIDInceptionE_1 or FIDInceptionE_2")
 
     def forward(self, x: Tensor) -> Tensor:
         b3 = self.branch3x3_1(x)

@@ -31,12 +31,17 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, DynamicCache, JanusForConditionalGeneration, JanusProcessor
 
-from image_gen.sampling import cfg_logits, cfg_scales, filter_logits
+from image_gen.sampling import (
+    cfg_logits,
+    cfg_scales,
+    check_guidance,
+    filter_logits,
+    guided_token_logprobs,
+)
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 
 Tensor = torch.Tensor
-LOGPROB_MODES = ("cond", "cfg")
 INPUT_KEYS = ("prompt",)
 #: One user turn + the assistant's generation prompt, as Janus' chat template renders it.
 PROMPT_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
@@ -166,14 +171,11 @@ class JanusImagePolicy:
                  cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
                  use_cache: bool = True, logprob_chunk_size: int = 1024, decode_batch_size: int = 8,
                  prompt_template: str = PROMPT_TEMPLATE):
-        if logprob_mode not in LOGPROB_MODES:
-            raise ValueError(f"logprob_mode={logprob_mode!r}; valid: {list(LOGPROB_MODES)}")
+        self.cfg_interval = check_guidance(cfg_scale, cfg_interval, logprob_mode)
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)  # a JanusProcessor or a bare tokenizer
         self.cfg_scale = cfg_scale
-        self.cfg_interval = tuple(cfg_interval)
-        cfg_scales(1, cfg_scale, self.cfg_interval)  # validates the interval now, not mid-training
         self.logprob_mode = logprob_mode
         self.use_cache = use_cache
         self.logprob_chunk_size = logprob_chunk_size
@@ -226,22 +228,13 @@ class JanusImagePolicy:
         tensors = rollout.inputs.tensors
         cond, uncond, mask = _trim_left_padding(tensors["prompt_ids"], tensors["uncond_ids"], tensors["prompt_mask"])
         cond, uncond, mask = cond.to(device), uncond.to(device), mask.to(device)
-        batch, length = ids.shape
         if self.logprob_mode == "cond":
             hidden = self._hidden(model, cond, mask, ids)
             return token_logprobs(hidden, ids, head, rollout.temperature, self.logprob_chunk_size, with_entropy)
-        # cfg: cond and uncond rows in one forward; the guided logits are mixed per position, slice by slice
-        # inside token_logprobs (the per-position scale rides along as one extra feature).
+        # cfg: cond and uncond rows in one forward, mixed into the guided logits chunk by chunk
         hidden = self._hidden(model, torch.cat([cond, uncond]), torch.cat([mask, mask]), torch.cat([ids, ids]))
-        scales = cfg_scales(length, self.cfg_scale, self.cfg_interval, device).to(hidden.dtype)
-        packed = torch.cat([hidden[:batch], hidden[batch:], scales.view(1, -1, 1).expand(batch, -1, 1)], dim=-1)
-        width = hidden.shape[-1]
-
-        def guided_head(h: Tensor) -> Tensor:
-            c, u = head(h[:, :width]).float(), head(h[:, width:2 * width]).float()
-            return cfg_logits(c, u, h[:, -1:].float())
-
-        return token_logprobs(packed, ids, guided_head, rollout.temperature, self.logprob_chunk_size, with_entropy)
+        return guided_token_logprobs(hidden, ids, head, self.cfg_scale, self.cfg_interval, rollout.temperature,
+                                     self.logprob_chunk_size, with_entropy)
 
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> list[Tensor]:

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from image_gen.sampling import cfg_scales, sample_image_tokens
+from image_gen.sampling import check_guidance, guided_token_logprobs, sample_image_tokens
 from image_gen.text_encoder import TEXT_ENCODER_FILE
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 
 Tensor = torch.Tensor
-LOGPROB_MODES = ("cond", "cfg")
 INPUT_KEYS = ("prompt",)
 
 
@@ -45,13 +44,10 @@ class ARImagePolicy:
     def __init__(self, model: torch.nn.Module, tokenizer, cfg_scale: float = 2.0,
                  cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
                  use_cache: bool = True, logprob_chunk_size: int = 1024, text_encoder=None):
-        if logprob_mode not in LOGPROB_MODES:
-            raise ValueError(f"logprob_mode={logprob_mode!r}; valid: {list(LOGPROB_MODES)}")
+        self.cfg_interval = check_guidance(cfg_scale, cfg_interval, logprob_mode)
         self.model = model
         self.tokenizer = tokenizer
         self.cfg_scale = cfg_scale
-        self.cfg_interval = tuple(cfg_interval)
-        cfg_scales(1, cfg_scale, self.cfg_interval)  # validates the interval now, not mid-training
         self.logprob_mode = logprob_mode
         self.use_cache = use_cache
         self.logprob_chunk_size = logprob_chunk_size
@@ -110,20 +106,12 @@ class ARImagePolicy:
         if self.logprob_mode == "cond":
             hidden = model(ids, cond, mask, return_hidden=True)[:, :length]
             return token_logprobs(hidden, ids, inner.output, rollout.temperature, self.logprob_chunk_size, with_entropy)
-        # cfg: cond and null rows in one forward; the head mixes the two branches per position, so the
-        # guided logits are also made slice by slice (the scale rides along as one extra feature).
+        # cfg: cond and null rows in one forward, mixed into the guided logits chunk by chunk
         both = torch.cat([cond, inner.null_condition(batch, device)])
         both_mask = None if mask is None else torch.cat([mask, mask])  # null rows keep the mask (see sampling)
         hidden = model(torch.cat([ids, ids]), both, both_mask, return_hidden=True)[:, :length]
-        scales = cfg_scales(length, self.cfg_scale, self.cfg_interval, device).to(hidden.dtype)
-        packed = torch.cat([hidden[:batch], hidden[batch:], scales.view(1, -1, 1).expand(batch, -1, 1)], dim=-1)
-        width = hidden.shape[-1]
-
-        def guided_head(h: Tensor) -> Tensor:
-            c, u = inner.output(h[:, :width]).float(), inner.output(h[:, width:2 * width]).float()
-            return u + h[:, -1:].float() * (c - u)
-
-        return token_logprobs(packed, ids, guided_head, rollout.temperature, self.logprob_chunk_size, with_entropy)
+        return guided_token_logprobs(hidden, ids, inner.output, self.cfg_scale, self.cfg_interval,
+                                     rollout.temperature, self.logprob_chunk_size, with_entropy)
 
     @torch.no_grad()
     def decode(self, rollout: Rollout) -> list[Tensor]:

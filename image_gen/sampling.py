@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from mmrl.ops import token_logprobs
+
 Tensor = torch.Tensor
 
 
@@ -97,3 +99,36 @@ def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float =
         if use_cache:
             model.clear_cache()
     return tokens, torch.stack(logp_cond, 1), torch.stack(logp_cfg, 1)
+
+
+LOGPROB_MODES = ("cond", "cfg")  # see image_gen.policy: which distribution the policy ratio is taken on
+
+
+def check_guidance(cfg_scale: float, cfg_interval: tuple[float, float], logprob_mode: str) -> tuple[float, float]:
+    """Validate a policy's guidance settings at construction (not mid-training); returns the interval."""
+    if logprob_mode not in LOGPROB_MODES:
+        raise ValueError(f"logprob_mode={logprob_mode!r}; valid: {list(LOGPROB_MODES)}")
+    interval = (float(cfg_interval[0]), float(cfg_interval[1]))
+    cfg_scales(1, cfg_scale, interval)  # raises on a bad interval
+    return interval
+
+
+def guided_token_logprobs(hidden: Tensor, ids: Tensor, head, cfg_scale: float, cfg_interval: tuple[float, float],
+                          temperature: float, chunk_size: int, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of ``ids`` [B, T] under the guided distribution u + s_t·(c − u).
+
+    ``hidden`` [2B, T, D] holds the conditional rows then the unconditional ones (one forward for both);
+    ``head`` maps hidden states to logits. The guided logits are mixed per position inside the chunked
+    :func:`mmrl.ops.token_logprobs` — the per-position scale rides along as one extra feature — so full
+    [B, T, V] logits never exist, for either branch.
+    """
+    batch, length = ids.shape
+    width = hidden.shape[-1]
+    scales = cfg_scales(length, cfg_scale, cfg_interval, hidden.device).to(hidden.dtype)
+    packed = torch.cat([hidden[:batch], hidden[batch:], scales.view(1, -1, 1).expand(batch, -1, 1)], dim=-1)
+
+    def guided_head(h: Tensor) -> Tensor:
+        return cfg_logits(head(h[:, :width]).float(), head(h[:, width:2 * width]).float(), h[:, -1:].float())
+
+    return token_logprobs(packed, ids, guided_head, temperature, chunk_size, with_entropy)
+

@@ -102,3 +102,19 @@ def test_decode_and_bad_class_id(gpt):
         policy.generate(policy.model, [{"prompt": "x", "class_id": 9}], 2, Sampling())
     with pytest.raises(ValueError, match="logprob_mode"):
         ARImagePolicy(gpt, tokenizer, logprob_mode="guided")
+
+
+def test_guided_token_logprobs_against_hand_computed_values():
+    from image_gen.sampling import guided_token_logprobs
+
+    head = torch.nn.Identity()  # hidden states are the logits themselves (vocab 2)
+    cond = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # [B=1, T=2, V=2]
+    uncond = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    ids = torch.tensor([[0, 1]])
+    logp, _ = guided_token_logprobs(torch.cat([cond, uncond]), ids, head, 2.0, (0.0, 1.0), 1.0, 1)
+    # t=0: u + 2(c - u) = [3, -1] -> log σ(4); t=1: [-1, 0] -> token 1: log σ(1)
+    expected = torch.log(torch.sigmoid(torch.tensor([[4.0, 1.0]])))
+    torch.testing.assert_close(logp, expected)
+    # guidance only on the second half of the tokens: t=0 is plain conditional, [2, 0] -> log σ(2)
+    logp, _ = guided_token_logprobs(torch.cat([cond, uncond]), ids, head, 2.0, (0.5, 1.0), 1.0, 1)
+    torch.testing.assert_close(logp, torch.log(torch.sigmoid(torch.tensor([[2.0, 1.0]]))))
