@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from image_gen.safe_load import safe_torch_load
+
 
 @dataclass
 class GPTConfig:
@@ -399,13 +401,8 @@ def _read_state_dict(path: str | os.PathLike, trust_pickle: bool) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as err:  # weights_only refuses e.g. a pickled argparse.Namespace of training args
-        if trust_pickle:
-            raise
-        msg = f"torch.load(weights_only=True) failed on {path} ({err}); pass trust_pickle=True if you trust it"
-        raise RuntimeError(msg) from err
+    # weights_only, plus the argparse.Namespace of training args LlamaGen checkpoints carry under "args"
+    return safe_torch_load(path, trust_pickle=trust_pickle)
 
 
 def load_llamagen_checkpoint(
@@ -413,7 +410,9 @@ def load_llamagen_checkpoint(
 ) -> GPT:
     """Build a :class:`GPT` for ``config`` holding LlamaGen weights (fp32, on CPU, in eval mode).
 
-    Accepts a ``.pt``/``.pth``/``.safetensors`` path or an already-loaded dict; the state dict may be
+    Accepts a ``.pt``/``.pth``/``.safetensors`` path or an already-loaded dict. A ``.pt`` file is read with
+    ``weights_only=True`` (its pickled ``argparse.Namespace`` of training args allowed); a file pickling
+    any other class is refused unless ``trust_pickle=True`` (only for files you trust). The state dict may be
     top level or under ``"model"``, ``"module"`` or ``"state_dict"``, and ``module.``/``_orig_mod.``
     prefixes (DDP, torch.compile) are stripped. Raises ``ValueError`` naming every missing,
     unexpected or wrongly-shaped key, since a silently half-loaded generator just produces noise.

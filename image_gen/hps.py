@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from image_gen.rewards import to_pil
+from image_gen.safe_load import safe_torch_load
 from mmrl.rewards import register_reward_factory
 
 HPS_BACKBONE = "ViT-H-14"
@@ -35,9 +36,19 @@ def _load_open_clip(checkpoint: str, device: torch.device) -> tuple[torch.nn.Mod
                           f"(hpsv2's OpenCLIP needs torchvision, i.e. a CUDA torch build) — {exc}") from exc
     model, _, preprocess = create_model_and_transforms(HPS_BACKBONE, pretrained=None, precision="fp32",
                                                        device=device, output_dict=True)
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
-    model.load_state_dict(state.get("state_dict", state))
+    model.load_state_dict(read_hps_state_dict(checkpoint, device))
     return model.eval().requires_grad_(False), preprocess, get_tokenizer(HPS_BACKBONE)
+
+
+def read_hps_state_dict(checkpoint: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of an HPSv2 checkpoint, read with ``weights_only=True`` and nothing else allowed: the
+    published ``HPS_v2*_compressed.pt`` files hold ``{"state_dict": ...}`` (an OpenCLIP training
+    checkpoint adds plain epoch/name/optimizer entries), so a file pickling any class is refused."""
+    state = safe_torch_load(checkpoint, allowed=(), map_location=device)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise TypeError(f"hpsv2 checkpoint {checkpoint} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 class HPSv2Reward:

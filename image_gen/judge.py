@@ -4,6 +4,13 @@ image, and the reward is P(yes) — the two halves of the package working togeth
 The probability is read off the judge's next-token distribution after the chat prompt, renormalised over
 the first token of "yes" and of "no" (both capitalisations), so it is in [0, 1] whatever else the model
 would have said. Images are batched: one forward pass per ``batch_size`` images.
+
+Time limit: the judge runs no generation loop of its own — one forward pass per batch, called by
+:func:`mmrl.rewards.compute_rewards` like every reward — so each call is bounded by that per-call timeout
+(``reward_timeout``, 300 s by default; :data:`mmrl.rewards.DEFAULT_REWARD_TIMEOUT_S` for callers that pass
+none). A call that times out cannot be stopped: it finishes on its daemon thread (holding the judge's device
+memory meanwhile) while the batch's judge rewards count as missing, and the judge is not called again until
+it returns, so two forward passes never overlap.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ def _to_pil(image: Any) -> Image.Image:
 
 
 class VLMJudgeReward:
-    """``fn(prompts, completions, **kw) -> list[float]``: P(yes) from a Qwen-VL judge per image."""
+    """``fn(prompts, completions, **kw) -> list[float]``: P(yes) from a Qwen-VL judge per image.
+
+    Bounded in time by the caller's per-call reward timeout (see the module docstring)."""
 
     def __init__(self, model_name_or_path: str, question: str = DEFAULT_QUESTION, batch_size: int = 16,
                  device: str | None = None, min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):

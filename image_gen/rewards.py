@@ -21,6 +21,12 @@ Missing values: ``None`` only where the rule has no opinion — spec ``None``, a
 (``relative_position`` without a relation) or an empty image. A spec object that is absent from the
 image is a *failure* scoring 0.0, not a missing value: an undefined centroid or an empty mask must not let
 the policy escape the reward by drawing nothing. No function ever returns NaN.
+
+Time limits: the model-backed rewards (CLIP here, :mod:`image_gen.judge`, :mod:`image_gen.hps`) are plain
+callables run by :func:`mmrl.rewards.compute_rewards`, in training (``reward_timeout``) and in evaluation
+alike, so each call is bounded by its per-call timeout (300 s unless configured); :func:`dry_run` bounds the
+start-up check the same way. A call that times out cannot be killed: it finishes on its daemon thread while
+the reward counts as missing, and the reward is skipped until it returns.
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ import torch
 from PIL import Image
 
 from image_gen.prompts import PALETTE
-from mmrl.rewards import get_reward, register_reward, register_reward_factory, reward_name
+from mmrl.rewards import (
+    DEFAULT_REWARD_TIMEOUT_S,
+    RewardTimeout,
+    call_with_timeout,
+    get_reward,
+    register_reward,
+    register_reward_factory,
+    reward_name,
+)
 
 COLOUR_TOLERANCE = 80.0
 MIN_FRACTION_PER_OBJECT = 0.01  # below this an object is "barely there"
@@ -349,19 +363,23 @@ def clip_score_quantized(model: str = DEFAULT_CLIP, device: str | None = None) -
 
 
 def dry_run(
-    reward_fns: Sequence[str | Callable[..., list]], prompt: str, image: Any, spec: dict[str, Any] | None
+    reward_fns: Sequence[str | Callable[..., list]], prompt: str, image: Any, spec: dict[str, Any] | None,
+    timeout: float | None = DEFAULT_REWARD_TIMEOUT_S,
 ) -> dict[str, float | None]:
-    """Call each reward on one image; raise naming the reward if it fails or returns a malformed result.
+    """Call each reward on one image; raise naming the reward if it fails, takes longer than ``timeout``
+    seconds (``None``: no limit) or returns a malformed result (not one value, not a number, ±inf).
 
     Meant for start-up: a broken reward otherwise only shows up as "missing" in the middle of training.
-    Returns ``{name: value}``.
+    Returns ``{name: value}`` (NaN, like ``None``, is a legitimate "no opinion").
     """
     results: dict[str, float | None] = {}
     for ref in reward_fns:
         fn = get_reward(ref)
         name = ref if isinstance(ref, str) else reward_name(fn)
         try:
-            out = fn([prompt], [image], spec=[spec])
+            out = call_with_timeout(fn, timeout, ([prompt], [image]), {"spec": [spec]})
+        except RewardTimeout as exc:
+            raise RuntimeError(f"reward {name!r} did not finish on the dry-run image: {exc}") from exc
         except Exception as exc:
             raise RuntimeError(f"reward {name!r} raised on the dry-run image: {exc!r}") from exc
         if not isinstance(out, (list, tuple)) or len(out) != 1:
@@ -369,5 +387,8 @@ def dry_run(
         value = out[0]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
             raise RuntimeError(f"reward {name!r} returned a non-numeric value {value!r}")
+        if value is not None and math.isinf(float(value)):
+            raise RuntimeError(f"reward {name!r} returned {value!r} on the dry-run image; "
+                               "rewards must be finite")
         results[name] = None if value is None else float(value)
     return results

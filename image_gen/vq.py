@@ -12,8 +12,6 @@ row-major (raster) order, which is the order the AR model generates them in.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -23,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from image_gen.safe_load import safe_torch_load
 
 
 @runtime_checkable
@@ -317,9 +317,7 @@ def _read_state_dict(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapp
         sd = load_file(str(source))
     else:
         # LlamaGen training checkpoints pickle an argparse.Namespace: allow just that, keep weights_only.
-        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
-            sd = torch.load(source, map_location="cpu", weights_only=True)
+        sd = safe_torch_load(source)
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
             sd = sd[wrapper]

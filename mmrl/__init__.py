@@ -15,9 +15,10 @@ from mmrl.config import (
     TrainConfig,
     load_config,
 )
+from mmrl.evaluation import evaluate_policy
 from mmrl.policy import Policy, Rollout, SampleInputs, Sampling
 from mmrl.rewards import compute_rewards, get_reward, register_reward
-from mmrl.trainer import Trainer, evaluate_policy
+from mmrl.trainer import Trainer
 
 __version__ = "0.1.0"
 

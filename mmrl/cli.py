@@ -1,6 +1,7 @@
 """The ``mmrl`` command.
 
     mmrl train CONFIG.yaml [key=value ...]   cold start (if configured) → held-out eval → GRPO → eval
+    mmrl train CONFIG.yaml --resume [latest|DIR]   continue a killed or preempted run exactly
     mmrl sft   CONFIG.yaml [key=value ...]   supervised cold start only; saves a model loadable by path
     mmrl rewards                            list registered reward functions
     mmrl eval --model M --benchmarks a,b ...  VLM benchmarks (vision.evaluate; `mmrl eval -h`)
@@ -20,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmrl import __version__
+from mmrl.checkpoint import CheckpointError
 from mmrl.config import ConfigError, load_config, load_yaml, to_dict
 
 logger = logging.getLogger("mmrl")
@@ -60,12 +63,31 @@ def _fmt(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _resume_point(cfg) -> Path | None:
+    """The checkpoint this run continues from (``None``: a fresh run), decided before anything heavy runs."""
+    from mmrl.checkpoint import resolve_resume, verify_checkpoint
+
+    if not cfg.resume_from:
+        return None
+    path = resolve_resume(cfg.resume_from, Path(cfg.output_dir))
+    if path is None:
+        print(f"--resume latest: no checkpoint in {cfg.output_dir} yet; starting a new run")
+        cfg.resume_from = None
+        return None
+    verify_checkpoint(path)  # a damaged file is reported now, not after the model has loaded
+    cfg.resume_from = str(path)
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
+    from mmrl.checkpoint import isolated_rng
     from mmrl.trainer import Trainer
 
-    cfg, module = _load(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"resume_from={args.resume}"] if args.resume else [])
+    cfg, module = _load(args.config, overrides)
+    resume = _resume_point(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -73,21 +95,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     task = module.build(cfg)
     summary: dict[str, float | str] = {"config": args.config}
-    if cfg.resume_from is None and hasattr(module, "cold_start"):
+    if resume is None and hasattr(module, "cold_start"):
         sft = module.cold_start(cfg, task, show_progress=cfg.logging.progress_bar)
         summary.update(sft)
         if sft:
             print(f"cold start: {int(sft['sft/steps'])} SFT steps, final loss {sft['sft/final_loss']:.3f}")
     trainer = Trainer(cfg, task.policy, task.train_dataset, task.eval_dataset)
-    if hasattr(module, "save_samples"):  # tasks whose outputs are better looked at than read
-        print(f"samples before RL: {module.save_samples(cfg, task, output_dir / 'samples_before.png')}")
     evaluating = task.eval_dataset is not None
-    if evaluating and cfg.eval.before_training:
-        before = trainer.evaluate()
-        summary["accuracy_before"] = before["accuracy"]
-        print(f"held-out {cfg.eval.reward} before RL: {_fmt(before['accuracy'])} "
-              f"({int(before['num_samples'])} samples)")
+    if resume is not None:
+        # What the killed run measured before training (cold start, accuracy before RL) comes from the
+        # checkpoint: measuring it again now would measure the partly trained model.
+        summary.update(trainer.run_info)
+        print(f"resuming from {resume} (rollout step {trainer.rollout_step} of {cfg.max_steps})")
+    else:
+        if hasattr(module, "save_samples"):  # tasks whose outputs are better looked at than read
+            with isolated_rng(cfg.seed):  # never shifts the training run's random streams
+                print(f"samples before RL: {module.save_samples(cfg, task, output_dir / 'samples_before.png')}")
+        if evaluating and cfg.eval.before_training:
+            before = trainer.evaluate()
+            summary["accuracy_before"] = before["accuracy"]
+            print(f"held-out {cfg.eval.reward} before RL: {_fmt(before['accuracy'])} "
+                  f"({int(before['num_samples'])} samples)")
+        trainer.run_info = {k: v for k, v in summary.items() if k != "config"}
     history = trainer.train()
+    if trainer.preempted:
+        summary["preempted_at_step"] = trainer.rollout_step
+        summary["wall_time_s"] = time.perf_counter() - start
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"stopped at rollout step {trainer.rollout_step} of {cfg.max_steps}; checkpoint saved. Resume with:\n"
+              f"  mmrl train {args.config} {' '.join(args.overrides)} --resume latest".rstrip())
+        return 0
     if evaluating and cfg.eval.after_training:
         after = trainer.evaluate()
         summary["accuracy_after"] = after["accuracy"]
@@ -98,8 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             line += f"  [{'+' if delta >= 0 else ''}{100 * delta:.1f} points]"
         print(line)
     if hasattr(module, "save_samples"):
-        print(f"samples after RL:  {module.save_samples(cfg, task, output_dir / 'samples_after.png')}")
-    if history:
+        with isolated_rng(cfg.seed):
+            print(f"samples after RL:  {module.save_samples(cfg, task, output_dir / 'samples_after.png')}")
+    if history:  # the whole run's history, a resumed run's included
         first = [r["reward"] for r in history[:10] if r.get("reward") is not None]
         last = [r["reward"] for r in history[-10:] if r.get("reward") is not None]
         if first and last:
@@ -144,13 +182,18 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmrl", description="RL fine-tuning of multimodal models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level from every library")
+    parser.add_argument("--version", action="version", version=f"mmrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_text in (("train", cmd_train, "GRPO-family RL training (with optional SFT cold start)"),
                                 ("sft", cmd_sft, "supervised cold start only (TRL SFTTrainer)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file, e.g. configs/vision/demo.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 output_dir=runs/x")
-        p.set_defaults(fn=fn)
+        p.set_defaults(fn=fn, resume=None)
+        if name == "train":
+            p.add_argument("--resume", nargs="?", const="latest", metavar="latest|DIR",
+                           help="continue a run: 'latest' (the default when the flag is bare) is the newest "
+                                "checkpoint in output_dir (a new run if there is none); or a checkpoint folder")
     p = sub.add_parser("rewards", help="list registered reward functions")
     p.set_defaults(fn=cmd_rewards)
     for name, (_module, help_text) in EVAL_COMMANDS.items():  # listed here; their flags are their own
@@ -181,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         # Bad input: one clear line, no traceback (run with -v ... or python -m for details).
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mmrl: error: {message}", file=sys.stderr)

@@ -104,10 +104,15 @@ class TrainConfig:
     logprob_chunk_size: int = 1024  # tokens per slice when projecting hidden states to fp32 logits
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it) | no | bf16 | fp16
-    save_steps: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
+    save_steps: int = 0  # checkpoint every N rollout steps (0 = only at the end, or when preempted)
     save_final: bool = True
-    resume_from: str | None = None  # a checkpoint directory written by the trainer
-    reward_timeout: float | None = None  # seconds per reward-function call; None = no limit
+    save_total_limit: int | None = None  # keep only the newest K checkpoints (None = keep all)
+    # "latest" (the newest checkpoint in output_dir; starts from scratch if there is none yet) or a
+    # checkpoint directory. The CLI's `--resume [latest|DIR]` sets it.
+    resume_from: str | None = None
+    # Optimizer updates with a NaN/inf loss or gradient are skipped (counted); this many in a row stop the run.
+    max_consecutive_skips: int = 10
+    reward_timeout: float | None = 300.0  # seconds per reward-function call (judge models included); None = no limit
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig("accuracy")])
     sampling: Sampling = field(default_factory=Sampling)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

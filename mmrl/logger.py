@@ -2,6 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per optimizer step with at least ``step`` and ``reward`` (mean
 total reward of the completions that step trained on), so runs can be compared without any tool.
+
+A resumed run passes ``resume_step``: rows after the checkpoint's step (logged by the killed run after its
+last save) are cut from ``metrics.jsonl`` and TensorBoard, so the file reads as one uninterrupted run and
+``history`` covers the whole run, not only the resumed part.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ class MetricsLogger:
     """Writes scalar metrics to every configured sink. Only the main process should create one."""
 
     def __init__(self, output_dir: str | Path, report_to: list[str], config: dict | None = None,
-                 project: str = "mmrl", run_name: str | None = None, resume: bool = False):
+                 project: str = "mmrl", run_name: str | None = None, resume_step: int | None = None):
         unknown = [r for r in report_to if r not in REPORTERS]
         if unknown:
             raise ValueError(f"unknown report_to entries {unknown}; valid: {list(REPORTERS)}")
@@ -37,21 +42,26 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         # metrics.jsonl is written whatever report_to says: it is the run's record.
         self.jsonl_path = self.output_dir / "metrics.jsonl"
-        self._jsonl = self.jsonl_path.open("a" if resume else "w")
+        self.history: list[dict[str, Any]] = []
+        if resume_step is not None:
+            self.history = _cut_after(self.jsonl_path, resume_step)
+        self._jsonl = self.jsonl_path.open("a" if resume_step is not None else "w")
         self._tb = None
         self._wandb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the killed run's events after the checkpoint's step.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge)
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
                 logger.warning("report_to includes 'wandb' but wandb is not installed; skipping W&B logging")
             else:
-                self._wandb = wandb.init(project=project, name=run_name, config=config, dir=str(self.output_dir))
-        self.history: list[dict[str, Any]] = []
+                self._wandb = wandb.init(project=project, name=run_name, config=config, dir=str(self.output_dir),
+                                         resume="allow" if resume_step is not None else None)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -71,6 +81,34 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _cut_after(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the rows of ``path`` with ``step <= step`` (rewriting it atomically); return them. A torn last
+    line (the process was killed mid-write) is dropped too."""
+    if not path.is_file():
+        return []
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(row)
+            else:
+                dropped += 1
+    if dropped:
+        logger.info("resume: dropped %d rows of %s logged after step %d", dropped, path.name, step)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return kept
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

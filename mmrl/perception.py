@@ -97,3 +97,11 @@ class CollapseMonitor:
             self.warnings += 1
             self.history.clear()  # one warning per episode, not one per step
         return messages
+
+    def state_dict(self) -> dict:
+        return {"history": [list(row) for row in self.history], "warnings": self.warnings}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(tuple(row) for row in state["history"])
+        self.warnings = int(state["warnings"])

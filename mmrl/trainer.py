@@ -12,6 +12,10 @@ One rollout step, read top to bottom in :meth:`Trainer.train`:
 
 Multi-GPU goes through ``accelerate``: each process samples its own prompts, so groups never span
 processes and advantages need no communication; metrics are averaged across processes for logging.
+
+Nothing is lost: a checkpoint (:mod:`mmrl.checkpoint`) holds every process's RNG and sampler state and
+the KL reference, so a killed run resumes bit-exactly; SIGTERM/SIGINT finish the step, save and stop
+(``trainer.preempted``); an update with a non-finite loss or gradient is skipped (:mod:`mmrl.faults`).
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mmrl import algorithms
-from mmrl.checkpoint import CHECKPOINT_PREFIX, load_model_weights, load_training_state, save_training_state
+from mmrl import algorithms, checkpoint
+from mmrl.checkpoint import CheckpointError, isolated_rng
 from mmrl.config import TrainConfig, to_dict
-from mmrl.data import BadSample, PromptSampler
+from mmrl.data import PromptSampler
+from mmrl.evaluation import evaluate_policy
+from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy, perception_term
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.rewards import RewardFn, build_reward, compute_rewards, get_reward, reward_name
+from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +124,23 @@ class Trainer:
         self.sampler = PromptSampler(train_dataset, cfg.prompts_per_step, seed=cfg.seed + self.accelerator.process_index)
         self.output_dir = Path(cfg.output_dir)
         self.rollout_step = 0
-        self.global_step = 0  # optimizer updates
+        self.global_step = 0  # optimizer update slots (a skipped non-finite update still takes its slot)
         self.metrics_logger: MetricsLogger | None = None
+        self.update_guard = UpdateGuard(cfg.max_consecutive_skips)
+        self.reward_faults = RewardFaults()  # this process's missing-reward counts (warned once per kind)
+        # Facts about the run that a resumed run must not re-measure (e.g. accuracy before RL, the cold
+        # start's metrics): whoever drives the trainer fills it; every checkpoint carries it.
+        self.run_info: dict[str, Any] = {}
+        self.preempted = False  # set when a stop signal ended train() early (after saving)
+        self.resumed_from: Path | None = None
+        if self.accelerator.is_main_process:
+            checkpoint.remove_stale_saves(self.output_dir)
         if cfg.resume_from:
-            self._resume(Path(cfg.resume_from))
+            path = checkpoint.resolve_resume(cfg.resume_from, self.output_dir)
+            if path is None:
+                logger.info("resume_from=latest: no checkpoint in %s yet; starting from scratch", self.output_dir)
+            else:
+                self._resume(path)
 
     # ------------------------------------------------------------------ configuration
 
@@ -149,77 +168,100 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[dict[str, Any]]:
-        """Run ``max_steps`` rollout steps. Returns the logged metrics history (main process)."""
+        """Run rollout steps up to ``max_steps`` (from where a resumed run left off). Returns the logged
+        metrics of the whole run (main process). A stop signal ends it early, after a checkpoint."""
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.metrics_logger = MetricsLogger(
                 self.output_dir, cfg.logging.report_to, config=to_dict(cfg), project=cfg.logging.project,
-                run_name=cfg.logging.run_name, resume=cfg.resume_from is not None)
+                run_name=cfg.logging.run_name, resume_step=self.global_step if self.resumed_from else None)
         bar = tqdm(total=cfg.max_steps, initial=self.rollout_step, desc="GRPO", unit="step",
                    disable=not (cfg.logging.progress_bar and acc.is_main_process), dynamic_ncols=True)
-        while self.rollout_step < cfg.max_steps:
-            start = time.perf_counter()
-            records = self.sampler.next_batch()
-
-            # 1. sample a group per prompt (no gradient, eval mode for deterministic layers)
-            self.model.eval()
-            with torch.no_grad():
-                rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
-            gen_time = time.perf_counter() - start
-
-            # 2. rewards  3. advantages
-            completions = self.policy.decode(rollout)
-            rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
-                                      rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names)
-            advantages = algorithms.group_advantages(rewards.total, cfg.group_size, cfg.algorithm.adv_scale)
-            advantages = advantages.to(acc.device)
-
-            # 4. rollout-time and reference log-probs. With one update per rollout the policy has not moved
-            # yet when it is scored, so old_logp = logp.detach() and this pass is skipped (as in TRL).
-            old_logp = self._score(self.model, rollout) if self.updates_per_step > 1 else None
-            ref_logp = self._score(self.ref_model, rollout) if self.ref_model is not None else None
-            # PAPO: the same completions under masked inputs, one mask per prompt shared by its group.
-            masked = self.policy.masked_view(rollout, self.mask_generator) if cfg.papo.enabled else None
-
-            # 5. optimisation
-            self.model.train()
-            rollout_metrics = self._rollout_metrics(rollout, rewards, completions)
-            rollout_metrics["timing/generate_s"] = gen_time
-            if masked is not None:
-                rollout_metrics["papo/samples_without_view"] = float((~masked[1]).sum())
-            for _ in range(cfg.algorithm.ppo_epochs):
-                order = torch.randperm(rollout.batch_size, generator=self.generator)
-                for index in order.split(self.mini_batch_size):
-                    dev_index = index.to(acc.device)
-                    update_metrics = self._update(
-                        rollout.select(index), advantages[dev_index],
-                        None if old_logp is None else old_logp[dev_index],
-                        None if ref_logp is None else ref_logp[dev_index],
-                        None if masked is None else (masked[0].select(index), masked[1][index]))
-                    if self.collapse_monitor is not None:
-                        self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
-                                                     update_metrics["papo/entropy_masked"], self.global_step)
-                    self.global_step += 1
-                    step_time = time.perf_counter() - start
-                    self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
-                               "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
-                               "learning_rate": self.scheduler.get_last_lr()[0],
-                               "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
-            self.rollout_step += 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{rollout_metrics['reward']:.3f}", kl=f"{update_metrics.get('kl', 0.0):.3f}")
-            if cfg.save_steps and self.rollout_step % cfg.save_steps == 0 and self.rollout_step < cfg.max_steps:
+        with StopRequest() as stop:
+            while self.rollout_step < cfg.max_steps:
+                metrics = self._rollout_step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
+                if cfg.eval.every_steps and self.eval_dataset is not None and self.rollout_step % cfg.eval.every_steps == 0:
+                    self._log({f"eval/{k}": v for k, v in self.evaluate().items()})
+                if self._stop_requested(stop):
+                    self.save_checkpoint()
+                    self.preempted = True
+                    logger.warning("stopped by %s after rollout step %d; resume with --resume latest",
+                                   stop.signal_name or "a signal on another process", self.rollout_step)
+                    break
+                if cfg.save_steps and self.rollout_step % cfg.save_steps == 0 and self.rollout_step < cfg.max_steps:
+                    self.save_checkpoint()
+            bar.close()
+            if cfg.save_final and not self.preempted:
                 self.save_checkpoint()
-            if cfg.eval.every_steps and self.eval_dataset is not None and self.rollout_step % cfg.eval.every_steps == 0:
-                self._log({f"eval/{k}": v for k, v in self.evaluate().items()})
-        bar.close()
-        if cfg.save_final:
-            self.save_checkpoint()
         history = self.metrics_logger.history if self.metrics_logger else []
         if self.metrics_logger is not None:
             plot_reward_curve(history, self.output_dir / "reward_curve.png", title=f"reward — {self.output_dir.name}")
             self.metrics_logger.close()
         return history
+
+    def _rollout_step(self) -> dict[str, float]:
+        """One rollout step: sample groups, reward, advantages, old/ref log-probs, ``ppo_epochs`` passes."""
+        cfg, acc = self.config, self.accelerator
+        start = time.perf_counter()
+        records = self.sampler.next_batch()
+
+        # 1. sample a group per prompt (no gradient, eval mode for deterministic layers)
+        self.model.eval()
+        with torch.no_grad():
+            rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
+        gen_time = time.perf_counter() - start
+
+        # 2. rewards  3. advantages
+        completions = self.policy.decode(rollout)
+        rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
+                                  rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names,
+                                  faults=self.reward_faults)
+        advantages = algorithms.group_advantages(rewards.total, cfg.group_size, cfg.algorithm.adv_scale)
+        advantages = advantages.to(acc.device)
+
+        # 4. rollout-time and reference log-probs. With one update per rollout the policy has not moved
+        # yet when it is scored, so old_logp = logp.detach() and this pass is skipped (as in TRL).
+        old_logp = self._score(self.model, rollout) if self.updates_per_step > 1 else None
+        ref_logp = self._score(self.ref_model, rollout) if self.ref_model is not None else None
+        # PAPO: the same completions under masked inputs, one mask per prompt shared by its group.
+        masked = self.policy.masked_view(rollout, self.mask_generator) if cfg.papo.enabled else None
+
+        # 5. optimisation
+        self.model.train()
+        rollout_metrics = self._rollout_metrics(rollout, rewards, completions)
+        rollout_metrics["timing/generate_s"] = gen_time
+        if masked is not None:
+            rollout_metrics["papo/samples_without_view"] = float((~masked[1]).sum())
+        update_metrics: dict[str, float] = {}
+        for _ in range(cfg.algorithm.ppo_epochs):
+            order = torch.randperm(rollout.batch_size, generator=self.generator)
+            for index in order.split(self.mini_batch_size):
+                dev_index = index.to(acc.device)
+                update_metrics = self._update(
+                    rollout.select(index), advantages[dev_index],
+                    None if old_logp is None else old_logp[dev_index],
+                    None if ref_logp is None else ref_logp[dev_index],
+                    None if masked is None else (masked[0].select(index), masked[1][index]))
+                if self.collapse_monitor is not None:
+                    self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
+                                                 update_metrics["papo/entropy_masked"], self.global_step)
+                self.global_step += 1
+                step_time = time.perf_counter() - start
+                self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
+                           "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
+                           "learning_rate": self.scheduler.get_last_lr()[0],
+                           "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
+        self.rollout_step += 1
+        return {**rollout_metrics, **update_metrics}
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """True on every process if any process got a stop signal (all must save and stop together)."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ pieces of a step
 
@@ -273,14 +315,26 @@ class Trainer:
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / len(micro)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / len(micro)
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm) \
-            if cfg.optim.max_grad_norm and cfg.optim.max_grad_norm > 0 else None
-        self.optimizer.step()
-        self.scheduler.step()
+        # The norm is always measured (max_norm=inf scales by exactly 1.0): a non-finite one must be seen.
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm and cfg.optim.max_grad_norm > 0 else math.inf
+        sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        # With fp16 the grad scaler itself skips an overflowed step and lowers its scale: only a
+        # non-finite loss is ours to catch there.
+        grad_ok = math.isfinite(sums["grad_norm"]) or acc.scaler is not None
+        bad = torch.tensor([0.0 if math.isfinite(sums["loss"]) and grad_ok else 1.0], device=acc.device)
+        if acc.num_processes > 1:  # skip on every process together, or the replicas would drift apart
+            bad = acc.reduce(bad, reduction="sum")
+        if self.update_guard.check(sums["loss"], sums["grad_norm"], self.global_step, elsewhere_bad=bool(bad.item() > 0)):
+            self.optimizer.step()
+            self.scheduler.step()
+            skipped = 0.0
+        else:
+            skipped = 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        if grad_norm is not None:
-            sums["grad_norm"] = float(grad_norm)
-        return self._mean_across_processes(sums)
+        out = self._mean_across_processes(sums)
+        out["update_skipped"] = skipped
+        out["skipped_updates"] = float(self.update_guard.skipped_total)
+        return out
 
     def _rollout_metrics(self, rollout: Rollout, rewards, completions: list) -> dict[str, float]:
         lengths = rollout.completion_mask.sum(dim=1).float()
@@ -308,11 +362,15 @@ class Trainer:
             m[f"rewards/{name}/mean"] = float(column[ok].mean()) if ok.any() else float("nan")
             m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
             m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
+        m.update(self.reward_faults.metrics())
         if self.config.logging.log_completions and self.accelerator.is_main_process:
             for i in range(min(self.config.logging.log_completions, len(completions))):
                 logger.info("step %d sample %d reward=%s: %r", self.rollout_step, i,
                             f"{float(total[i]):.3f}", completions[i] if isinstance(completions[i], str) else type(completions[i]).__name__)
-        return self._mean_across_processes(m)
+        out = self._mean_across_processes(m)
+        for key in self.reward_faults.metrics():  # counts: the sum over processes, not the mean
+            out[key] = float(round(out[key] * self.accelerator.num_processes))
+        return out
 
     def _mean_across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.accelerator.num_processes == 1:
@@ -343,74 +401,67 @@ class Trainer:
         if isinstance(reward, str):  # a training reward's name: same args, same (cached) instance
             args = next((r.args for r in cfg.rewards if r.name == reward), {})
             reward = build_reward(reward, args)
-        return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset, reward, sampling,
-                               batch_size=cfg.eval.batch_size, max_samples=max_samples,
-                               show_progress=cfg.logging.progress_bar)
+        # Its own random streams, restored afterwards: evaluating (or not) never shifts the training run's
+        # randomness, and a resumed run evaluates exactly like the uninterrupted one.
+        with isolated_rng(cfg.seed):
+            return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset, reward, sampling,
+                                   batch_size=cfg.eval.batch_size, max_samples=max_samples,
+                                   show_progress=cfg.logging.progress_bar, reward_timeout=cfg.reward_timeout)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
+        """Write ``checkpoint-<rollout_step>`` crash-safely (see :mod:`mmrl.checkpoint`); every process
+        adds its own RNG and sampler state. Returns the path on the main process."""
+        acc, cfg = self.accelerator, self.config
+        staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            previous = checkpoint.latest_checkpoint(self.output_dir)
+            checkpoint.begin_save(self.output_dir, self.rollout_step)
+            self.policy.save_pretrained(acc.unwrap_model(self.model), str(staging / "model"))
+            checkpoint.save_main_state(staging, self.optimizer, self.scheduler, self._trainer_state(),
+                                       reference=self.ref_model, previous=previous)
+        acc.wait_for_everyone()  # the staging directory exists before the other processes write into it
+        checkpoint.save_rank_state(staging, acc.process_index, self._generators(),
+                                   {"sampler": self.sampler.state_dict(), "reward_faults": self.reward_faults.state_dict()})
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
             return None
-        path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.rollout_step}"
-        self.policy.save_pretrained(self.accelerator.unwrap_model(self.model), str(path / "model"))
-        state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
-                 "sampler": self.sampler.state_dict()}
-        save_training_state(path, self.optimizer, self.scheduler, self._generators(), state)
+        path = checkpoint.finish_save(staging, self.rollout_step, cfg.save_total_limit)
         logger.info("saved checkpoint to %s", path)
         return path
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"minibatch": self.generator, "mask": self.mask_generator}
 
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"rollout_step": self.rollout_step, "global_step": self.global_step,
+                "num_processes": self.accelerator.num_processes, "run_info": self.run_info,
+                "update_guard": self.update_guard.state_dict(),
+                "collapse_monitor": None if self.collapse_monitor is None else self.collapse_monitor.state_dict()}
+
     def _resume(self, path: Path) -> None:
-        if not path.is_dir():
-            raise FileNotFoundError(f"resume_from={str(path)!r} is not a directory")
-        load_model_weights(self.accelerator.unwrap_model(self.model), path / "model")
-        state = load_training_state(path, self.optimizer, self.scheduler, self._generators())
+        acc = self.accelerator
+        if acc.is_main_process:  # a damaged file is an error naming it, before anything is loaded
+            checkpoint.verify_checkpoint(path)
+        acc.wait_for_everyone()
+        state = checkpoint.load_main_state(path, self.optimizer, self.scheduler)
+        if state["num_processes"] != acc.num_processes:
+            raise CheckpointError(
+                f"{path} was written by {state['num_processes']} processes, this run has {acc.num_processes}: "
+                "every process's sampler and random state is part of the run; resume with the same number")
+        checkpoint.load_model_weights(acc.unwrap_model(self.model), path / "model")
+        if self.ref_model is not None:  # the reference is the run's starting point (e.g. after the cold start)
+            checkpoint.load_reference(path, self.ref_model)
+        rank_state = checkpoint.load_rank_state(path, acc.process_index, self._generators())
+        self.sampler.load_state_dict(rank_state["sampler"])
+        self.reward_faults.load_state_dict(rank_state["reward_faults"])
         self.rollout_step = state["rollout_step"]
         self.global_step = state["global_step"]
-        self.sampler.load_state_dict(state["sampler"])
+        self.run_info = dict(state.get("run_info") or {})
+        self.update_guard.load_state_dict(state["update_guard"])
+        if self.collapse_monitor is not None and state.get("collapse_monitor"):
+            self.collapse_monitor.load_state_dict(state["collapse_monitor"])
+        self.resumed_from = path
         logger.info("resumed from %s at rollout step %d", path, self.rollout_step)
-
-
-def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[dict], reward: str | Callable,
-                    sampling: Sampling, batch_size: int = 32, max_samples: int | None = None,
-                    show_progress: bool = True) -> dict[str, float]:
-    """Mean of ``reward`` over one completion per record of ``dataset``, sampled with ``sampling``
-    (``temperature=0`` for greedy). A record that fails to load counts as wrong and is reported.
-
-    With several processes (``accelerate launch``) each evaluates every N-th record and the scores are
-    gathered with accelerate's ``gather_object``, so all processes return the same numbers."""
-    fn = get_reward(reward)
-    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    state = PartialState()
-    mine = list(range(state.process_index, n, state.num_processes))
-    scores: list[float] = []
-    errors = 0
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(mine), batch_size), desc="eval", leave=False,
-                      disable=not show_progress or not state.is_main_process):
-        records = []
-        for i in mine[start:start + batch_size]:
-            try:
-                records.append(dataset[i])
-            except BadSample as exc:
-                errors += 1
-                logger.warning("evaluation sample %d could not be loaded: %s", i, exc)
-        if not records:
-            continue
-        rollout = policy.generate(model, records, 1, sampling)
-        out = compute_rewards([fn], [1.0], rollout.prompts, policy.decode(rollout), rollout.columns)
-        scores.extend(out.per_function[:, 0].tolist())
-    model.train(was_training)
-    if state.num_processes > 1:
-        scores = gather_object(scores)
-        errors = sum(gather_object([errors]))
-    missing = sum(1 for s in scores if math.isnan(s))
-    total = len(scores) + errors
-    correct = sum(s for s in scores if not math.isnan(s))
-    return {"accuracy": correct / total if total else float("nan"), "num_samples": float(total),
-            "missing": float(missing), "load_errors": float(errors)}

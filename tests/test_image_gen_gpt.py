@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -15,6 +17,19 @@ from image_gen.gpt import (
 )
 
 T2I_TOKENS = 6  # short caption prefix keeps the t2i tests fast
+UNPICKLED: list[str] = []  # what _record_unpickle saw: stays empty unless a full unpickle ran
+
+
+def _record_unpickle() -> str:
+    UNPICKLED.append("ran")
+    return "payload"
+
+
+class Payload:
+    """Unpickling this calls a function: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (_record_unpickle, ())
 
 
 @pytest.fixture(autouse=True)
@@ -201,3 +216,29 @@ def test_presets():
         get_config("GPT-tiny", cls_token_num=120)  # c2i takes a single class token
     with pytest.raises(KeyError):
         get_config("GPT-huge")
+
+
+def test_llamagen_training_checkpoint_with_args_loads_safely(tmp_path):
+    """LlamaGen's train scripts save {"model", "args": argparse.Namespace, ...}: model.gpt = that file loads
+    through the task without trust_pickle; a file pickling anything else is refused without running it."""
+    from image_gen.task import ImageGenModelConfig, _load_gpt
+
+    model = _build()
+    args = argparse.Namespace(gpt_model="GPT-tiny", image_size=64, lr=1e-4, results_dir="/tmp/results")
+    path = tmp_path / "0010000.pt"
+    torch.save({"model": model.state_dict(), "args": args, "steps": 10000}, path)
+    cfg = ImageGenModelConfig(gpt=str(path), gpt_config="GPT-tiny", num_classes=10, image_size=64)
+    loaded = _load_gpt(cfg)
+    idx, cond = _tokens(model, t=3), _cond(model)
+    torch.testing.assert_close(loaded(idx, cond), model(idx, cond))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": model.state_dict(), "args": args, "extra": Payload()}, evil)
+    UNPICKLED.clear()
+    with pytest.raises(RuntimeError, match=r"refused .*evil\.pt: it pickles .*_record_unpickle.*trust_pickle=True"):
+        _load_gpt(ImageGenModelConfig(gpt=str(evil), gpt_config="GPT-tiny", num_classes=10, image_size=64))
+    assert UNPICKLED == []
+    # the explicit escape hatch still loads a trusted file (and runs its pickle)
+    trusted = load_llamagen_checkpoint(evil, model.config, trust_pickle=True)
+    assert UNPICKLED == ["ran"]
+    torch.testing.assert_close(trusted(idx, cond), model(idx, cond))

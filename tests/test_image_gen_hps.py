@@ -3,10 +3,12 @@ row-wise dot product of normalised image and text features, batched; missing pie
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
-from image_gen.hps import HPSv2Reward
+from image_gen.hps import HPSv2Reward, read_hps_state_dict
 from mmrl.rewards import build_reward
 
 
@@ -44,3 +46,19 @@ def test_hps_without_checkpoint_or_extra_is_a_clear_error(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match=r"mmrl\[hps\]"):
             HPSv2Reward(str(tmp_path / "hps.pt"), device="cpu")
+
+
+def test_hps_checkpoint_is_read_weights_only(tmp_path):
+    """The published HPS_v2*_compressed.pt is {"state_dict": ...}; open_clip's training checkpoints add plain
+    entries. Both load with weights_only=True; a file pickling any class (even argparse.Namespace) is refused."""
+    weights = {"visual.proj": torch.randn(4, 2), "module.logit_scale": torch.tensor(4.6)}
+    torch.save({"state_dict": weights}, tmp_path / "compressed.pt")
+    torch.save({"epoch": 3, "name": "hps", "state_dict": weights, "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "training.pt")
+    for name in ("compressed.pt", "training.pt"):
+        state = read_hps_state_dict(str(tmp_path / name))
+        assert set(state) == {"visual.proj", "logit_scale"}  # a DDP "module." prefix is dropped
+        assert torch.equal(state["visual.proj"], weights["visual.proj"])
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")
+    with pytest.raises(RuntimeError, match=r"refused .*pickled\.pt: it pickles argparse\.Namespace"):
+        read_hps_state_dict(str(tmp_path / "pickled.pt"))

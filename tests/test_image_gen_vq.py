@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from collections import OrderedDict
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -97,6 +100,22 @@ def test_llamagen_state_dict_roundtrip_pt_and_safetensors(tiny: LlamaGenVQ, tmp_
         torch.testing.assert_close(loaded.decode(tiny.encode(x)), tiny.decode(tiny.encode(x)))
     # the official checkpoint carries a usage buffer that is statistics, not weights: tolerated
     load_llamagen_vq({**sd, "quantize.codebook_used": torch.zeros(65536)}, "VQ-tiny")
+
+
+def test_llamagen_training_checkpoint_args_allowed_other_classes_refused(tiny: LlamaGenVQ, tmp_path) -> None:
+    sd = {k: v.clone() for k, v in tiny.state_dict().items()}
+    path = tmp_path / "vq_train.pt"
+    torch.save({"model": sd, "args": argparse.Namespace(vq_model="VQ-16", codebook_size=16384)}, path)
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(load_llamagen_vq(path, "VQ-tiny").encode(x), tiny.encode(x))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": sd, "extra": _Unsafe()}, evil)
+    with pytest.raises(RuntimeError, match=r"refused .*evil\.pt: it pickles .*_Unsafe"):
+        load_llamagen_vq(evil, "VQ-tiny")
+
+
+class _Unsafe(OrderedDict):
+    """Any class outside the allow-list: weights_only must refuse it."""
 
 
 def test_llamagen_wrong_key_is_a_clear_error(tiny: LlamaGenVQ) -> None:

@@ -36,15 +36,21 @@ def test_jsonl_written_even_with_none(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 0, "reward": 1.0}]
 
 
-def test_resume_appends_otherwise_truncates(tmp_path):
+def test_resume_cuts_rows_after_the_checkpoint_step(tmp_path):
     log = MetricsLogger(tmp_path, report_to=["jsonl"])
-    log.log({"reward": 0.1}, step=1)
+    for step in (1, 2, 3):
+        log.log({"reward": step / 10}, step=step)
     log.close()
-    log = MetricsLogger(tmp_path, report_to=["jsonl"], resume=True)
-    log.log({"reward": 0.2}, step=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # a row torn by SIGKILL mid-write
+    log = MetricsLogger(tmp_path, report_to=["jsonl"], resume_step=2)  # the checkpoint was at step 2
+    assert log.history == [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2}]
+    log.log({"reward": 0.25}, step=3)
     log.close()
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
-    log = MetricsLogger(tmp_path, report_to=["jsonl"])
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2},
+                                                        {"step": 3, "reward": 0.25}]
+    assert log.history == read_metrics(tmp_path / "metrics.jsonl")
+    log = MetricsLogger(tmp_path, report_to=["jsonl"])  # a fresh run starts a fresh file
     log.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == []
 

@@ -125,13 +125,16 @@ def test_fast_reward_within_timeout():
     assert out.failures == {}
 
 
-@pytest.mark.parametrize("returned", [[1.0, 2.0], [1.0] * 5, None])
-def test_wrong_length_names_the_function(returned):
+@pytest.mark.parametrize("returned", [[1.0, 2.0], [1.0] * 5, None, 1.0, "abcd"])
+def test_wrong_length_is_missing_for_the_batch_and_names_the_function(returned, caplog):
     def miscounted(prompts, completions, **kwargs):
         return returned
 
-    with pytest.raises(ValueError, match="miscounted"):
-        compute_rewards([constant([0.0] * 4), miscounted], [1.0, 1.0], PROMPTS, COMPLETIONS)
+    out = compute_rewards([constant([0.0, 1.0, 2.0, 3.0]), miscounted], [1.0, 1.0], PROMPTS, COMPLETIONS)
+    nan_equal(out.per_function[:, 1], [math.nan] * 4)
+    nan_equal(out.total, [0.0, 1.0, 2.0, 3.0])
+    assert out.failures == {"miscounted": 4}
+    assert "'miscounted'" in caplog.text and "wrong_length" in caplog.text
 
 
 def test_argument_checks():
@@ -141,6 +144,8 @@ def test_argument_checks():
         compute_rewards([], [], PROMPTS, COMPLETIONS)
     with pytest.raises(ValueError, match="prompts"):
         compute_rewards([constant([0] * 4)], [1.0], PROMPTS[:3], COMPLETIONS)
+    with pytest.raises(ValueError, match="finite"):
+        compute_rewards([constant([0] * 4)], [math.inf], PROMPTS, COMPLETIONS)
 
 
 # --------------------------------------------------------------------------- resolving rewards

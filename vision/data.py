@@ -34,6 +34,8 @@ from mmrl.data import BadSample
 if TYPE_CHECKING:
     import datasets
 
+    from vision.prompt_limits import PromptLimits
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -93,6 +95,10 @@ class VisionDataConfig:
     template: str = "r1"
     # System message prepended to every prompt (replacing one in the data); None keeps the data's.
     system_prompt: str | None = None
+    # Longest prompt (text + image tokens) in tokens; None = the model's context length. A longer row is
+    # skipped (BadSample), or with truncate_prompts its user text is cut from the left to fit (images never).
+    max_prompt_length: int | None = None
+    truncate_prompts: bool = False
 
 
 def resolve_template(template: str) -> str:
@@ -292,11 +298,13 @@ class _Layout:
 
 
 class VisionDataset(Sequence):
-    """Records (see :mod:`vision`) over rows from :func:`load_rows`, built lazily one per ``[i]``."""
+    """Records (see :mod:`vision`) over rows from :func:`load_rows`, built lazily one per ``[i]``. With
+    ``limits`` (set by :func:`vision.task.build`) a record whose images the model cannot size or whose
+    prompt is too long raises BadSample (see :mod:`vision.prompt_limits`)."""
 
     def __init__(self, rows: list[dict] | datasets.Dataset, config: VisionDataConfig | None = None,
-                 source_dir: str | Path | None = None, name: str = "dataset"):
-        self.config, self.name = config or VisionDataConfig(), name
+                 source_dir: str | Path | None = None, name: str = "dataset", limits: PromptLimits | None = None):
+        self.config, self.name, self.limits = config or VisionDataConfig(), name, limits
         self.source_dir = Path(source_dir) if source_dir is not None else None
         resolve_template(self.config.template)  # fail now, not once per row as a skipped sample
         self._rows = LazyRows(rows)
@@ -357,7 +365,10 @@ class VisionDataset(Sequence):
             record["answer"] = str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else answer
         for col in self._extra:
             record[col] = row.get(col)
-        return record
+        try:
+            return record if self.limits is None else self.limits.check(record, f"row {index} of {self.name}")
+        except BadSample as exc:
+            raise BadSample(f"row {index} of {self.name}: {exc}") from None
 
     def _easyr1_prompt(self, row: dict) -> tuple[list[dict], list]:
         problem = row.get(self.layout.text_col)
