@@ -289,3 +289,84 @@ def save_samples(cfg: TrainConfig, task: ImageGenTask, path: str | Path, per_cla
     grid.save(path)
     return path
 
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Problems of the image-generation sections (``model``, ``data``), one line each, for
+    :func:`mmrl.config_checks.validate_config` — found before a multi-GB checkpoint loads, not after.
+    Loads nothing: names come from the real tables (GPT/VQ presets, log-prob modes, prompt categories),
+    local paths must exist, hub ids are left to the loaders."""
+    from image_gen.gpt import GPT_CONFIGS
+    from image_gen.prompts import CATEGORIES
+    from image_gen.sampling import LOGPROB_MODES
+    from image_gen.vq import VQ_CONFIGS
+    from mmrl.config_checks import Problems, exists
+
+    p = Problems()
+    model, data = cfg.model, cfg.data
+    gpt_is_file = False
+    if model is not None and p.choice("model.backend", model.backend, ("llamagen", "janus")):  # as build()
+        if model.backend == "janus":
+            from image_gen.janus import DTYPES
+
+            if not model.name_or_path:
+                p.add("model.name_or_path", model.name_or_path, "model.backend=janus needs a hub id (e.g. "
+                      "deepseek-community/Janus-Pro-1B) or a local directory")
+            else:
+                p.local_or_hub("model.name_or_path", model.name_or_path, "dir")
+            p.choice("model.dtype", model.dtype, DTYPES)
+        elif model.gpt in ("tiny", "tiny_t2i"):
+            tiny = model.gpt == "tiny"
+            shipped = TINY_DIR / "gpt.safetensors" if tiny else TINY_T2I_DIR / "model.safetensors"
+            p.path("model.gpt", str(shipped), "file", why="run scripts/build_tiny_image_gen.py (or _t2i.py)")
+        elif p.path("model.gpt", model.gpt, why="'tiny', 'tiny_t2i', a LlamaGen checkpoint file or a "
+                                                "directory saved by an mmrl checkpoint"):
+            gpt_is_file = exists(model.gpt, "file")
+            for name in () if gpt_is_file else ("gpt_config.json", "model.safetensors"):
+                if not exists(Path(model.gpt).expanduser() / name, "file"):
+                    p.add("model.gpt", model.gpt, f"the directory has no {name} (not a saved mmrl model)")
+        if model.backend == "llamagen":
+            p.choice("model.gpt_config", model.gpt_config, GPT_CONFIGS)
+            p.choice("model.condition", model.condition, ("c2i", "t2i"))
+            p.number("model.num_classes", model.num_classes, ge=1, integer=True)
+            if p.number("model.image_size", model.image_size, ge=16, integer=True) and model.image_size % 16:
+                p.add("model.image_size", model.image_size, "must be a multiple of 16 (VQ downsampling)")
+            p.number("model.text_max_length", model.text_max_length, ge=1, integer=True)
+            p.number("model.caption_dim", model.caption_dim, ge=1, integer=True)
+            if model.text_encoder not in (None, "tiny"):
+                p.local_or_hub("model.text_encoder", model.text_encoder, "dir")
+            if model.vq == "tiny":
+                p.path("model.vq", str(TINY_DIR / "vq"), "dir", why="run scripts/build_tiny_image_gen.py")
+            elif p.local_or_hub("model.vq", model.vq) and exists(model.vq, "file"):
+                p.choice("model.vq_config", model.vq_config, VQ_CONFIGS)
+        p.number("model.cfg_scale", model.cfg_scale, ge=0, why="classifier-free guidance; 1 = none")
+        interval = model.cfg_interval
+        if (not isinstance(interval, (list, tuple)) or len(interval) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in interval)
+                or not 0.0 <= interval[0] <= interval[1] <= 1.0):
+            p.add("model.cfg_interval", interval, "must be [start, end] with 0 <= start <= end <= 1")
+        p.choice("model.logprob_mode", model.logprob_mode, LOGPROB_MODES)
+    if data is not None:
+        p.choice("data.prompts", data.prompts, ("classes", "file", "procedural", "tiny_shapes"))
+        class_conditional = model is not None and model.backend == "llamagen" and (
+            model.gpt == "tiny" or (gpt_is_file and model.condition == "c2i"))
+        if data.prompts == "procedural" and class_conditional:
+            p.add("data.prompts", data.prompts, "needs a text-conditional (t2i) model; a class-conditional "
+                                                "one can only use prompts: tiny_shapes or classes")
+        high = model.num_classes - 1 if gpt_is_file and isinstance(model.num_classes, int) else None
+        for i, class_id in enumerate(data.class_ids or []):
+            p.number(f"data.class_ids[{i}]", class_id, ge=0, le=high, integer=True)
+        if data.class_names is not None:
+            p.path("data.class_names", data.class_names, "file", why="one class name per line")
+            try:
+                data.class_prompt.format(name="x")
+            except (KeyError, IndexError, ValueError, AttributeError):
+                p.add("data.class_prompt", data.class_prompt, "must be a format string with one {name} field")
+        if data.prompts == "file" or data.prompt_file is not None:
+            p.path("data.prompt_file", data.prompt_file, "file", why="a .txt (one prompt a line) or .jsonl")
+        for i, category in enumerate(data.categories or []):
+            p.choice(f"data.categories[{i}]", category, CATEGORIES)
+        p.number("data.num_train", data.num_train, ge=1, integer=True)
+        p.number("data.num_eval", data.num_eval, ge=0, integer=True)
+        p.number("data.seed", data.seed, ge=0, integer=True)
+    return p.lines

@@ -24,6 +24,7 @@ from pathlib import Path
 from mmrl import __version__
 from mmrl.checkpoint import CheckpointError
 from mmrl.config import ConfigError, load_config, load_yaml, to_dict
+from mmrl.config_checks import validate_config
 
 logger = logging.getLogger("mmrl")
 
@@ -48,6 +49,8 @@ def _load(config_path: str, overrides: list[str]):
             task_name = item.partition("=")[2]
     module = _task_module(task_name)
     cfg = load_config(config_path, overrides, section_types=module.SECTION_TYPES)
+    # Every range, name and path, before any model loads or any cold start runs (one error lists them all).
+    validate_config(cfg, task_checks=getattr(module, "validate", None))
     return cfg, module
 
 

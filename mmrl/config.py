@@ -1,9 +1,12 @@
 """Typed configuration: dataclasses loaded from YAML, with ``key.sub=value`` CLI overrides.
 
-Unknown keys are errors that name the nearest valid key. Values are checked against the dataclass
-field types (int, float, bool, str, Optional, list, dict, nested dataclasses). The sections that
-depend on the task (``model``, ``data``, ``cold_start``) are typed by the task itself: the loader is
-given their dataclasses by whoever wires tasks together (the CLI), so ``mmrl`` never imports a task.
+Unknown keys are errors that name the nearest valid key in any section, or the equivalent of a name
+brought from TRL / EasyR1 / verl (``learning_rate`` → ``optim.lr``; see :mod:`mmrl.config_checks`).
+Values are checked against the dataclass field types (int, float, bool, str, Optional, list, fixed-length
+tuple, dict, nested dataclasses); ranges, names and paths are checked after loading by
+:func:`mmrl.config_checks.validate_config`. The sections that depend on the task (``model``, ``data``,
+``cold_start``, ``masking``) are typed by the task itself: the loader is given their dataclasses by
+whoever wires tasks together (the CLI), so ``mmrl`` never imports a task.
 """
 
 from __future__ import annotations
@@ -159,10 +162,42 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {where + key!r}.{hint} Valid keys here: {sorted(valid)}")
+class UnknownKeyError(ConfigError):
+    """An unknown key; :func:`from_dict` rewrites the message at the top level, where the whole schema
+    (task sections included) is known, so the hint can point into any section."""
+
+    def __init__(self, message: str, key: str, where: str, valid: list[str], value: Any = None):
+        super().__init__(message)
+        self.key, self.where, self.valid, self.value = key, where, valid, value
+
+
+def _unknown_key(key: Any, valid: list[str], where: str, value: Any = None,
+                 schema: list[str] | None = None) -> UnknownKeyError:
+    """The error for ``where + key``: a foreign name's equivalent (TRL / EasyR1 / verl, see
+    :data:`mmrl.config_checks.FOREIGN_KEYS`), else the nearest key here or in any section of ``schema``."""
+    from mmrl.config_checks import unknown_key_hint  # only on the error path (it imports torch)
+
+    key = str(key)
+    hint = unknown_key_hint(key, valid, where, value, schema)
+    return UnknownKeyError(f"unknown config key {where + key!r}{hint} Valid keys here: {sorted(valid)}",
+                           key, where, valid, value)
+
+
+def schema_keys(cls: type, section_types: dict[str, type] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of dataclass ``cls`` (nested dataclass sections expanded, task sections typed by
+    ``section_types``), in declaration order: what an unknown key is compared against."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = (section_types or {}).get(f.name, hints[f.name])
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            inner = [t for t in typing.get_args(tp) if t is not type(None)]
+            tp = inner[0] if len(inner) == 1 else tp
+        if dataclasses.is_dataclass(tp):
+            out.extend(schema_keys(tp, None, f"{prefix}{f.name}."))
+        else:
+            out.append(prefix + f.name)
+    return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -180,6 +215,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, where)
+            except UnknownKeyError:
+                raise
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -193,6 +230,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and Ellipsis not in args and len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -206,7 +245,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond float range
+                raise ConfigError(f"{where}: {value!r} is too large for a number") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
             try:
                 return float(value)
@@ -229,20 +271,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type, data: dict, where: str = "", section_types: dict[str, type] | None = None) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    if where:
+        return _from_dict(cls, data, where, section_types)
+    try:
+        return _from_dict(cls, data, where, section_types)
+    except UnknownKeyError as exc:  # at the top: suggest from the whole schema, task sections included
+        schema = schema_keys(cls, section_types)
+        raise _unknown_key(exc.key, exc.valid, exc.where, exc.value, schema) from None
+
+
+def _from_dict(cls: type, data: dict, where: str, section_types: dict[str, type] | None) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(key, names, where)
+            raise _unknown_key(key, names, where, value)
         tp = (section_types or {}).get(key, hints[key])
         kwargs[key] = _coerce(value, tp, where + key)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {exc}") from None
+    except ValueError as exc:  # a section's own __post_init__ check (e.g. masking.prob)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {exc}") from None
     for key, tp in (section_types or {}).items():
         if getattr(obj, key, None) is None and dataclasses.is_dataclass(tp):
             try:
@@ -258,7 +314,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
         dotted, _, text = item.partition("=")
-        value = yaml.safe_load(text) if text != "" else ""
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
         node = raw
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
@@ -276,7 +335,10 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML file ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return raw
@@ -292,7 +354,7 @@ def load_config(
     raw = apply_overrides(raw, overrides or [])
     preset = raw.get("preset")
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), PRESETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown preset {preset!r}.{hint} Valid presets: {sorted(PRESETS)}")

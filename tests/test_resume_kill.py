@@ -118,14 +118,23 @@ def _final_weights(output_dir: Path) -> dict:
     return weights
 
 
+# More kill points for a longer trial (docs/faults.md): MMRL_KILL_AT=1,2,3,4 pytest tests/test_resume_kill.py
+KILL_AT = [int(k) for k in os.environ.get("MMRL_KILL_AT", "").split(",") if k.strip()] or [None]
+_UNINTERRUPTED: dict[str, Path] = {}  # one uninterrupted run per case, shared by its kill points
+
+
+@pytest.mark.parametrize("kill_at", KILL_AT, ids=lambda k: f"kill_at_{k or 'default'}")
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_killed_run_resumes_bit_exactly(name, tmp_path):
+def test_killed_run_resumes_bit_exactly(name, kill_at, tmp_path, tmp_path_factory):
     case = CASES[name]
-    uninterrupted, killed = tmp_path / "a", tmp_path / "b"
-    _run(_command(case, uninterrupted))
-    _kill_when_saved(_command(case, killed), killed, case.kill_after)
+    kill_at = kill_at or case.kill_after
+    if name not in _UNINTERRUPTED:
+        _UNINTERRUPTED[name] = tmp_path_factory.mktemp(f"uninterrupted_{name}")
+        _run(_command(case, _UNINTERRUPTED[name]))
+    uninterrupted, killed = _UNINTERRUPTED[name], tmp_path / "b"
+    _kill_when_saved(_command(case, killed), killed, kill_at)
     out = _run(_command(case, killed, "--resume", "latest"))
-    assert f"resuming from {killed / f'checkpoint-{case.kill_after}'}" in out.stdout
+    assert f"resuming from {killed / f'checkpoint-{kill_at}'}" in out.stdout
 
     rows_a, rows_b = _rows(uninterrupted), _rows(killed)
     assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]  # cut back, no duplicated steps

@@ -81,3 +81,90 @@ def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -
     return run_sft(policy.model, policy.processor, task.train_dataset, cfg.cold_start,
                    Path(cfg.output_dir) / "sft", seed=cfg.seed, show_progress=show_progress)
 
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Problems of the vision sections (``model``, ``data``, ``cold_start``, ``masking``), one line each, for
+    :func:`mmrl.config_checks.validate_config` — found before the model loads, not after it (or after the
+    SFT cold start). Loads nothing: names are checked against the real registries and dtype table, paths
+    with the loaders' own rule for telling a local path from a hub id."""
+    from mmrl.config_checks import Problems, exists
+    from vision.benchmarks import available_benchmarks
+    from vision.data import LAYOUTS, SFT_TARGETS, SYNTHETIC_PREFIX, resolve_template
+    from vision.masking import STRATEGIES
+    from vision.modeling import BUILTIN_MODELS, _resolve_dtype
+    from vision.synthetic import SPLITS, make_synthetic
+
+    p = Problems()
+    model, data, sft, masking = cfg.model, cfg.data, cfg.cold_start, cfg.masking
+    if model is not None:
+        name, builtin = model.name_or_path, list(BUILTIN_MODELS)
+        # vision.modeling.load_model_and_processor's rule: anything but "org/name" is a local directory
+        local = isinstance(name, str) and name not in builtin and (
+            name.startswith((".", "/", "~")) or exists(name) or name.count("/") != 1)
+        if not isinstance(name, str) or not name:
+            p.add("model.name_or_path", name, f"must be a hub id, a model directory or one of {builtin}")
+        elif local and p.path("model.name_or_path", name, "dir", f"hub ids are org/name; built-in {builtin}"):
+            if not exists(Path(name).expanduser() / "config.json"):
+                p.add("model.name_or_path", name, "the directory has no config.json: not a transformers "
+                                                  "model (an mmrl checkpoint's model is checkpoint-N/model)")
+        try:
+            _resolve_dtype(model.dtype)
+        except (ValueError, TypeError):
+            p.add("model.dtype", model.dtype, "must be one of ['auto', 'float32', 'bfloat16', 'float16']")
+        low_ok = p.number("model.min_pixels", model.min_pixels, ge=1, integer=True)
+        if p.number("model.max_pixels", model.max_pixels, ge=1, integer=True) and low_ok \
+                and model.min_pixels > model.max_pixels:
+            p.add("model.min_pixels", model.min_pixels, f"must be <= model.max_pixels={model.max_pixels}")
+        p.number("model.seed", model.seed, ge=0, integer=True)
+    if data is not None:
+        reported: set[str] = set()  # train and eval from one synthetic task: its option errors once
+        sources = (("data.train", data.train, data.train_split), ("data.eval", data.eval, data.eval_split))
+        for key, source, split in sources:
+            if source is None and key == "data.eval":
+                continue
+            if not isinstance(source, str) or not source:
+                p.add(key, source, "must be a hub dataset id, a local data file or folder, or synthetic:NAME")
+            elif source.startswith(SYNTHETIC_PREFIX):
+                options = dict(data.synthetic_options) if isinstance(data.synthetic_options, dict) else {}
+                count = options.pop("num_samples", None)
+                p.number("data.synthetic_options.num_samples", count, ge=1, integer=True, optional=True)
+                if p.choice(f"{key}_split", split, SPLITS, why="the splits of a synthetic task"):
+                    try:  # zero rows: checks the task name and its options, draws nothing
+                        make_synthetic(source[len(SYNTHETIC_PREFIX):], split, 0, data.seed, **options)
+                    except Exception as exc:  # whatever the loader would raise, reported here instead
+                        if str(exc) not in reported:
+                            reported.add(str(exc))
+                            p.add(key, source, f"{exc} (options from data.synthetic_options)")
+            elif source.startswith(BENCHMARK_PREFIX):
+                if key == "data.train":
+                    p.add(key, source, "'benchmark:NAME' is for data.eval only")
+                else:
+                    p.choice(key, source, [BENCHMARK_PREFIX + b for b in available_benchmarks()])
+            else:
+                p.local_or_hub(key, source, why="a hub dataset id is 'org/name'")
+        if data.eval_benchmark_path is not None:
+            p.path("data.eval_benchmark_path", data.eval_benchmark_path)
+        if data.image_dir is not None:
+            p.path("data.image_dir", data.image_dir, "dir")
+        p.number("data.max_train_samples", data.max_train_samples, ge=1, integer=True, optional=True)
+        p.number("data.max_eval_samples", data.max_eval_samples, ge=1, integer=True, optional=True)
+        p.number("data.seed", data.seed, ge=0, integer=True)
+        p.choice("data.layout", data.layout, LAYOUTS)
+        try:
+            resolve_template(data.template)
+        except (ValueError, TypeError) as exc:
+            p.add("data.template", data.template, str(exc))
+        p.number("data.max_prompt_length", data.max_prompt_length, ge=1, integer=True, optional=True,
+                 why="tokens; null = the model's context length")
+    if sft is not None:
+        p.number("cold_start.steps", sft.steps, ge=0, integer=True, why="0 = no cold start")
+        p.number("cold_start.lr", sft.lr, gt=0)
+        p.number("cold_start.batch_size", sft.batch_size, ge=1, integer=True)
+        p.choice("cold_start.answer_format", sft.answer_format, SFT_TARGETS)
+        p.number("cold_start.max_samples", sft.max_samples, ge=1, integer=True, optional=True)
+        p.number("cold_start.warmup_steps", sft.warmup_steps, ge=0, integer=True)
+    if masking is not None:
+        p.choice("masking.strategy", masking.strategy, STRATEGIES)
+        p.number("masking.patch_size", masking.patch_size, ge=1, integer=True)
+        p.number("masking.prob", masking.prob, ge=0, le=1)
+    return p.lines
