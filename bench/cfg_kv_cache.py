@@ -1,8 +1,8 @@
 """Benchmark: KV-cached vs uncached classifier-free-guided sampling of 256 image tokens (16×16 grid) on the
 tiny GPT, measured side by side in one run (alternating repeats, medians). Target: cached ≥ 5× tokens/s.
-Appends a row to BENCHMARKS.md.
+Prints a table row; only with ``--write`` is it appended to BENCHMARKS.md.
 
-    python bench/cfg_kv_cache.py [--batch 16] [--repeats 3] [--no-write]
+    python bench/cfg_kv_cache.py [--batch 16] [--repeats 3] [--write]
 """
 
 from __future__ import annotations
@@ -20,15 +20,20 @@ from image_gen.gpt import GPT, get_config
 from image_gen.sampling import sample_image_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16, help="conditions per call (CFG doubles the batch)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--write", action="store_true", help="append the result row to BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(0)
     model = GPT(get_config("GPT-tiny", vocab_size=64, block_size=args.tokens, num_classes=10)).eval()
     cond = torch.arange(args.batch) % 10
@@ -46,8 +51,8 @@ def main() -> None:
             f"**{fast / slow:.1f}×** (target ≥ 5×) | {platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__} |")
     print(line)
-    if not args.no_write:
-        with (ROOT / "BENCHMARKS.md").open("a") as f:
+    if args.write:
+        with BENCHMARKS.open("a") as f:
             f.write(line + "\n")
 
 

@@ -3,9 +3,10 @@
 PAPO adds one forward pass per step (the completions re-scored under masked images, no gradient), batched
 per micro-batch like every other forward. Target: ratio <= 1.3. Two trainers start from the same weights
 and the same data; their steps alternate (GRPO, PAPO, GRPO, ...) so machine load affects both alike, and
-the median of per-step wall times is compared. Results are appended to BENCHMARKS.md.
+the median of per-step wall times is compared. Prints a table row; only with ``--write`` is it appended
+to BENCHMARKS.md.
 
-    python bench/papo_step_time.py [--rounds 20] [--warmup 3] [--no-write]
+    python bench/papo_step_time.py [--rounds 20] [--warmup 3] [--write]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mmrl.trainer import Trainer
 from vision import task as vision_task
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
 def build_trainer(papo: bool, base, out_dir: str) -> Trainer:
@@ -45,12 +47,16 @@ def one_step(trainer: Trainer) -> float:
     return history[-1]["step_time"]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
-    args = parser.parse_args()
+    parser.add_argument("--write", action="store_true", help="append the result row to BENCHMARKS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         base_cfg = load_config(ROOT / "configs/vision/papo_grpo_tiny.yaml", section_types=vision_task.SECTION_TYPES)
@@ -71,8 +77,8 @@ def main() -> None:
             f"GRPO {g:.3f} s, PAPO {p:.3f} s (medians of {args.rounds} alternating steps) | **{ratio:.2f}** "
             f"(target ≤ 1.3) | {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} |")
     print(line)
-    if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
+    if args.write:
+        path = BENCHMARKS
         if not path.exists():
             path.write_text("# Benchmarks\n\nRatios are measured side by side in one run (see each script's docstring).\n\n"
                             "| date | what | measured | ratio | machine |\n|---|---|---|---|---|\n")

@@ -7,9 +7,10 @@ For each seed and method: the tiny Qwen2.5-VL, the same 25-step SFT cold start, 
 - perception KL: for the greedy completions, the mean per-token k3 estimate of KL(π(o|q,I) ‖ π(o|q,I_masked))
   with a fixed mask stream (14-px patches, p = 0.6), the same measurement for both methods.
 
-Writes a markdown table to ``docs/papo_results.md`` (and prints it). Runs take minutes each on a CPU.
+Prints a markdown table; only with ``--write`` is it written to ``docs/papo_results.md``. Per-run results go
+to ``--out`` (default ``runs/papo_vs_grpo``, not tracked). Runs take minutes each on a CPU.
 
-    python bench/papo_vs_grpo.py [--seeds 0 1 2] [--steps 200] [--jobs 2]
+    python bench/papo_vs_grpo.py [--seeds 0 1 2] [--steps 200] [--jobs 2] [--write]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "papo_results.md"
 
 
 def run_one(method: str, seed: int, steps: int, out: Path) -> dict:
@@ -66,14 +68,19 @@ def run_one(method: str, seed: int, steps: int, out: Path) -> dict:
                                            if "papo/perception_kl" in history[-1] else None)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores/jobs threads)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/papo_vs_grpo")
+    parser.add_argument("--write", action="store_true", help="write the table to docs/papo_results.md")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.one:  # a single run in a subprocess
         method, seed = args.one[0], int(args.one[1])
         result = run_one(method, seed, args.steps, args.out / f"{method}_seed{seed}")
@@ -110,11 +117,12 @@ def main() -> None:
                      f"**{statistics.mean(kl):.4f}** | |")
     table = "\n".join(lines)
     print(table)
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
-    (docs / "papo_results.md").write_text(
+    if not args.write:
+        return
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
         "# GRPO vs PAPO on the offline task (measured)\n\n"
-        f"`python bench/papo_vs_grpo.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps}`: tiny Qwen2.5-VL, "
+        f"`python bench/papo_vs_grpo.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --write`: tiny Qwen2.5-VL, "
         "`synthetic:single_shape`, 25-step SFT cold start, then RL with `configs/vision/papo_grpo_tiny.yaml` "
         "with PAPO on or off (nothing else differs). Perception KL: mean per-token k3 KL between the policy given "
         "the real and the masked image (14-px patches, p = 0.6, fixed mask stream), on the held-out split's greedy "

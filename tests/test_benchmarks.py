@@ -1,9 +1,12 @@
 """vision.benchmarks: every loader on a small local copy in its benchmark's real schema (parquet with
 embedded image bytes as HF datasets writes it, jsonl with image paths, a save_to_disk folder), the
-registry's errors, the benchmark_accuracy reward and a benchmark as the training held-out set."""
+registry's errors, the benchmark_accuracy reward and a benchmark as the training held-out set.
+
+Also the scripts in ``bench/``: none writes a tracked file unless given ``--write``."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -307,3 +310,76 @@ def test_benchmark_as_training_held_out_set(tmp_path):
     columns = {k: [v] for k, v in record.items() if k not in ("prompt", "images")}
     assert benchmark_accuracy([None, None], ["<answer>B</answer>", "<answer>red</answer>"],
                               **{k: v * 2 for k, v in columns.items()}) == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------- bench/ scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
+
+
+def load_bench(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tracked_outputs() -> dict[str, bytes]:
+    """The tracked files a benchmark may write when asked: BENCHMARKS.md and docs/."""
+    files = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("**/*"))]
+    return {str(f): f.read_bytes() for f in files if f.is_file()}
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda p: p.name)
+def test_bench_scripts_write_only_when_asked(script):
+    bench = load_bench(script)
+    assert hasattr(bench, "parse_args"), f"{script.name}: expose parse_args(argv) with a --write flag"
+    assert bench.parse_args([]).write is False
+    assert bench.parse_args(["--write"]).write is True
+
+
+def test_memory_slope_fit_and_section():
+    bench = load_bench(ROOT / "bench" / "memory_slope.py")
+    rss = {step: 700.0 + 0.02 * step + (0.5 if step % 2 else -0.5) * (step < 5) for step in range(0, 201)}
+    assert bench.slope_per_100(rss, 20, 200) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="two samples"):
+        bench.slope_per_100(rss, 200, 200)
+    text = "# Benchmarks\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    once = bench.update_section(text, "## Memory\n\nfirst")
+    assert once.startswith(text) and once.count("<!-- memory_slope:start -->") == 1 and "first" in once
+    twice = bench.update_section(once + "tail\n", "## Memory\n\nsecond")
+    assert "first" not in twice and "second" in twice and twice.startswith(text) and twice.endswith("tail\n")
+    assert twice.count("<!-- memory_slope:end -->") == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "10", "--warmup", "10"])
+
+
+def test_memory_slope_smoke_writes_nothing_without_write(tmp_path, monkeypatch):
+    """Two real RL steps of the demo config, shrunk: numbers come back, no tracked file changes."""
+    bench = load_bench(ROOT / "bench" / "memory_slope.py")
+    target = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(bench, "BENCHMARKS", target)
+    monkeypatch.chdir(tmp_path)
+    before = tracked_outputs()
+    result = bench.main(["--steps", "2", "--warmup", "1", "prompts_per_step=2", "group_size=2",
+                         "data.max_train_samples=8", "data.max_eval_samples=4", "logging.report_to=[jsonl]"])
+    assert result["rss_last_mib"] > 0 and result["rss_warmup_mib"] > 0
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    assert tracked_outputs() == before
+
+
+def test_memory_slope_write_replaces_its_section(tmp_path, monkeypatch):
+    bench = load_bench(ROOT / "bench" / "memory_slope.py")
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n\n| date | what |\n|---|---|\n| x | y |\n")
+    monkeypatch.setattr(bench, "BENCHMARKS", target)
+    monkeypatch.setattr(bench, "measure", lambda config, steps, overrides, cold_start=False: (
+        {s: 600.0 + 0.05 * s for s in range(steps + 1)}, "fake"))
+    for _ in range(2):
+        bench.main(["--steps", "40", "--warmup", "10", "--write"])
+    text = target.read_text()
+    assert text.startswith("# Benchmarks\n\n| date | what |\n|---|---|\n| x | y |\n")
+    assert text.count("<!-- memory_slope:start -->") == 1 and text.count("<!-- memory_slope:end -->") == 1
+    assert "`python bench/memory_slope.py --steps 40 --warmup 10 --write`" in text
+    assert "600.5 MiB | 602.0 MiB | **+5.00 MiB / 100 steps**" in text
