@@ -39,12 +39,25 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo  (see mmrl.algorithms.LOSS_AGGREGATIONS)
-    adv_scale: str = "group"  # group | batch | none (Dr. GRPO)
-    epsilon: float = 0.2  # PPO clip, lower side (and upper unless epsilon_high is set)
-    epsilon_high: float | None = None  # DAPO clip-higher, e.g. 0.28
+    # The policy-ratio objective (mmrl.objectives.OBJECTIVES): ppo | gspo | gspo_token | gmpo | cispo | sapo.
+    # `preset: <name>` brings each one's published clip range and aggregation.
+    objective: str = "ppo"
+    # How per-token losses become one number (mmrl.algorithms.LOSS_AGGREGATIONS), normalised by the whole
+    # mini-batch's counts over every process: grpo (mean over sequences of token means) | bnpo, dapo (mean
+    # over tokens) | dr_grpo (token sum / (sequences × max_new_tokens)).
+    loss_type: str = "grpo"
+    advantage_estimator: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline (mmrl.advantages)
+    adv_scale: str = "group"  # grpo estimator: group | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # PPO clip, lower side (and upper unless epsilon_high is set); gmpo: on log r
+    epsilon_high: float | None = None  # DAPO clip-higher, e.g. 0.28; cispo: IS-weight cap = 1 + epsilon_high
+    dual_clip: float | None = None  # ppo: cap −A·r at −A·C for A < 0 (verl's clip_ratio_c, e.g. 3.0)
+    delta: float | None = None  # ppo: TRL's two-sided clip, ratio <= delta (e.g. 1.5)
+    tau_pos: float = 1.0  # sapo: gate temperature for A > 0
+    tau_neg: float = 1.05  # sapo: gate temperature for A <= 0
     beta: float = 0.0  # weight of KL to the frozen reference model; 0 = no reference model
     kl_estimator: str = "k3"
+    kl_clamp: bool = False  # verl's clamps on k3 (log-ratio to ±20, estimate to [-10, 10])
+    entropy_coef: float = 0.0  # entropy bonus: − c·H of the full token distribution (verl's entropy_coeff)
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
 
 
@@ -139,10 +152,11 @@ PRESETS: dict[str, dict] = {
     "dapo": {"algorithm": {"loss_type": "dapo", "adv_scale": "group", "epsilon": 0.2, "epsilon_high": 0.28,
                            "beta": 0.0}},
     "dr_grpo": {"algorithm": {"loss_type": "dr_grpo", "adv_scale": "none"}},
-    # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6.
+    # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6;
+    # token-mean aggregation as every official run (`loss_avg_mode: token`).
     "papo_grpo": {
         "group_size": 5, "sampling": {"temperature": 1.0, "top_p": 0.99}, "optim": {"lr": 1e-6},
-        "algorithm": {"loss_type": "grpo", "epsilon": 0.2, "epsilon_high": 0.3, "beta": 0.01, "kl_estimator": "k3"},
+        "algorithm": {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.3, "beta": 0.01, "kl_estimator": "k3"},
         "papo": {"enabled": True, "gamma": 0.02, "kl_estimator": "k3"},
     },
     # PAPO on DAPO: no KL_ref, clip 0.2/0.28, token-level loss, γ 0.01.
@@ -152,6 +166,19 @@ PRESETS: dict[str, dict] = {
         "papo": {"enabled": True, "gamma": 0.01, "kl_estimator": "k3"},
     },
 }
+
+
+
+def _objective_presets() -> dict[str, dict]:
+    """``preset: gspo | gspo_token | gmpo | cispo | sapo``: the objective with its published clip range and
+    aggregation (mmrl.objectives.OBJECTIVE_PRESETS)."""
+    from mmrl.objectives import OBJECTIVE_PRESETS
+
+    return {name: {"algorithm": {"objective": name, "loss_type": spec["loss_type"], **spec["params"]}}
+            for name, spec in OBJECTIVE_PRESETS.items() if name != "ppo"}
+
+
+PRESETS.update(_objective_presets())
 
 # --------------------------------------------------------------------------------------------------
 # Generic loading

@@ -44,7 +44,7 @@ from mmrl.evaluation import evaluate_policy
 from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
 from mmrl.loss_terms import MicroBatch, build_loss_terms
-from mmrl.objectives import OBJECTIVES, objective_params
+from mmrl.objectives import ObjectiveParams, get_objective
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
 from mmrl.resumable import Resumable
@@ -103,9 +103,12 @@ class Trainer(Resumable):
         # The algorithm, as registered components chosen by name: the objective (policy-ratio loss), the
         # advantage estimator, and the loss terms the config turns on (KL, PAPO's perception term, ...).
         # Each term declares what it needs prepared; the trainer builds only that.
-        self.objective = OBJECTIVES[cfg.algorithm.objective]
-        self.objective_params = objective_params(cfg.algorithm)
-        self.advantage_fn = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage_estimator]
+        alg = cfg.algorithm
+        self.objective = get_objective(alg.objective)
+        self.objective_params = ObjectiveParams(epsilon=alg.epsilon, epsilon_high=alg.epsilon_high,
+                                                dual_clip=alg.dual_clip, delta=alg.delta, tau_pos=alg.tau_pos,
+                                                tau_neg=alg.tau_neg)
+        self.advantage_fn = ADVANTAGE_ESTIMATORS[alg.advantage_estimator]
         self.advantage_params = AdvantageParams(scale=cfg.algorithm.adv_scale)
         self.loss_terms = build_loss_terms(cfg)
         self.components: dict[str, Any] = {}  # stateful step components (filters, shapers), checkpointed by name
