@@ -16,11 +16,13 @@ Shared semantics (every estimator):
   batch std), as :func:`mmrl.algorithms.group_advantages` always did and as TRL does with ``nanmean``;
 * a baseline-subtracting estimator gives exactly 0 to a group whose valid rewards are all equal or that
   has fewer than two valid rewards (there is nothing to compare against). Exactness does not rely on the
-  mean rounding back to the common value: constancy is tested as ``min == max`` over the group, and the
-  statistics are computed in float64 (float32 on MPS, which has no float64), so 8 × 2.6 or 3 × 0.1 in
-  fp32 give 0, not ±2e-3;
+  mean rounding back to the common value: constancy is tested as ``min == max`` over the group, so
+  8 × 2.6 or 3 × 0.1 in fp32 (and 3 × 0.1 in fp64, whose mean is not 0.1) give 0, not ±2e-3.
+  Statistics are computed in the rewards' dtype, at least fp32; for every non-constant group the
+  ``grpo`` values are bit for bit those of the code before this module;
 * fully vectorised with segment sums (``index_add_``) and segment min/max (``scatter_reduce_``), on
-  whatever device the inputs are on; the only host synchronisation is reading ``group_id``'s range.
+  whatever device the inputs are on; host synchronisations: reading ``group_id``'s range, and
+  selecting the valid rewards for a batch std.
 
 Registered estimators (:data:`ADVANTAGE_ESTIMATORS`):
 
@@ -137,8 +139,12 @@ def compute_advantages(
 
 
 def work_dtype(values: Tensor) -> torch.dtype:
-    """float64 for statistics, except on MPS (no float64 there), where float32 is the best available."""
-    return torch.float32 if values.device.type == "mps" else torch.float64
+    """Statistics in at least fp32; fp64 input stays fp64 (rewards like 1000.0 vs 1000.001 need it).
+
+    Deliberately not fp64 for fp32 input: exact zeros come from ``min == max``, and fp32 statistics
+    keep today's advantages bit for bit for 0/1 and graded rewards (so existing runs and benchmarks
+    do not move); fp64 would also be unavailable on MPS."""
+    return torch.promote_types(values.dtype, torch.float32)
 
 
 def check_groups(rewards: Tensor, group_id: Tensor) -> int:
@@ -230,14 +236,19 @@ def _centred(stats: GroupStats) -> Tensor:
     return torch.where(stats.valid, stats.values - stats.mean[g], torch.zeros_like(stats.values))
 
 
-def _batch_std(values: Tensor, valid: Tensor, around_zero: bool = False) -> Tensor:
-    """Unbiased std of ``values`` over ``valid`` entries (0 with fewer than two); ``around_zero`` uses 0
-    as the mean (for values whose mean is 0 by construction)."""
-    weight = valid.to(values.dtype)
-    n = weight.sum()
-    mean = values.new_zeros(()) if around_zero else (values * weight).sum() / n.clamp(min=1.0)
-    var = (((values - mean) ** 2) * weight).sum() / (n - 1.0).clamp(min=1.0)
-    return var.sqrt()
+def _batch_std(values: Tensor, valid: Tensor) -> Tensor:
+    """Unbiased std of the ``valid`` entries of ``values`` (``torch.std``, as the code before the
+    registry and TRL's ``nanstd``); 0 with fewer than two."""
+    selected = values[valid]
+    return selected.std() if selected.numel() > 1 else values.new_zeros(())
+
+
+def _rms_about_zero(values: Tensor, valid: Tensor) -> Tensor:
+    """``sqrt(Σ v² / (n − 1))`` over the ``valid`` entries: the unbiased std of values whose mean is 0 by
+    construction (group-centred values, each sample weighing once)."""
+    n = valid.sum()
+    squares = torch.where(valid, values**2, torch.zeros_like(values))
+    return (squares.sum() / (n - 1).clamp(min=1)).sqrt()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,5 +306,5 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, group_id: Tensor, params: 
     zero = stats.constant[g] | ~stats.valid
     centred = torch.where(zero, torch.zeros_like(stats.values), _centred(stats))
     # Batch mean of group-centred values is 0 by construction (each sample weighs once): divide only.
-    std = _batch_std(centred, stats.valid, around_zero=True)
+    std = _rms_about_zero(centred, stats.valid)
     return _finish(centred / (std + params.eps), zero, rewards)

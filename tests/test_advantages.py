@@ -84,6 +84,37 @@ def test_grpo_matches_group_advantages_for_equal_contiguous_groups():
         assert torch.equal(algorithms.group_advantages(rewards, 6, scale), via_ids)
 
 
+def _dense_grpo_reference(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    # The [P, G] formula used before the registry (fp32 statistics, NaN left out), without its zeroing.
+    grouped = rewards.view(-1, group_size)
+    valid = ~torch.isnan(grouped)
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    count = valid.sum(dim=1, keepdim=True)
+    mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
+    if scale == "group":
+        std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    elif scale == "batch":
+        std = rewards[~torch.isnan(rewards)].std()
+    else:
+        return centred.flatten()
+    return (centred / (std + EPS)).flatten()
+
+
+@pytest.mark.parametrize("scale", ADVANTAGE_SCALES)
+def test_grpo_bit_identical_to_the_dense_formula_for_varying_groups(scale):
+    # Runs and benchmarks made before the registry must not move: same fp32 arithmetic, same bits.
+    g = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        rewards = (torch.rand(64, generator=g) < 0.5).float() * torch.randint(1, 4, (64,), generator=g) * 0.7
+        rewards[torch.rand(64, generator=g) < 0.15] = NAN
+        new = algorithms.group_advantages(rewards, 8, scale)
+        ref = _dense_grpo_reference(rewards, 8, scale)
+        varying = ~group_statistics(rewards, torch.arange(64) // 8).constant.repeat_interleave(8)
+        valid = ~torch.isnan(rewards)
+        assert torch.equal(new[varying & valid], ref[varying & valid])
+
+
 # ==================================================================================================
 # rloo
 # ==================================================================================================
