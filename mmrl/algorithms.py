@@ -16,6 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmrl.advantages import (  # noqa: F401  (re-exported: the registry lives in mmrl.advantages)
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALES,
+    AdvantageParams,
+    compute_advantages,
+    grpo_advantages,
+    register_advantage_estimator,
+)
+
 if TYPE_CHECKING:
     from mmrl.objectives import ObjectiveParams
 
@@ -51,11 +60,9 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 # Group advantages (GRPO; Dr. GRPO)
 # --------------------------------------------------------------------------------------------------
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-
 
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """GRPO's group-relative advantages.
+    """GRPO's group-relative advantages for equal-size, contiguous groups.
 
     ``rewards`` is ``[P*G]`` with each prompt's ``G = group_size`` samples contiguous. Each reward is
     centred on its group's mean; then divided by the group's std (``"group"``, GRPO), by the std of
@@ -64,6 +71,9 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
 
     NaN rewards (no reward function produced a value) are left out of their group's statistics and
     get advantage 0, so a failed scorer never pushes the policy either way.
+
+    Delegates to the ``grpo`` estimator of :mod:`mmrl.advantages` with ``group_id = arange(N) // G``;
+    use that module directly for groups of different sizes and the other estimators.
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; valid: {list(ADVANTAGE_SCALES)}")
@@ -73,29 +83,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         raise ValueError(
             f"rewards must be 1-D with a multiple of group_size={group_size} entries, got shape {tuple(rewards.shape)}"
         )
-    # Statistics in at least fp32 (fp64 input stays fp64: rewards like 1000.0 vs 1000.001 need it).
-    work_dtype = torch.promote_types(rewards.dtype, torch.float32)
-    grouped = rewards.view(-1, group_size).to(work_dtype)
-    valid = ~torch.isnan(grouped)
-    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
-    count = valid.sum(dim=1, keepdim=True)
-    mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1)
-    centred = torch.where(valid, grouped - mean, torch.zeros_like(grouped))
-    group_var = (centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
-    group_std = group_var.sqrt()
-    if scale == "group":
-        advantages = centred / (group_std + eps)
-    elif scale == "batch":
-        flat_valid = valid.flatten()
-        flat = grouped.flatten()
-        batch_std = flat[flat_valid].std() if flat_valid.sum() > 1 else flat.new_zeros(())
-        advantages = centred / (batch_std + eps)
-    else:
-        advantages = centred
-    # Rounding in the mean can leave tiny non-zero values in a constant group; zero them exactly.
-    constant = (group_std <= 1e-8 * (1.0 + mean.abs())) | (count <= 1)
-    advantages = torch.where(constant | ~valid, torch.zeros_like(advantages), advantages)
-    return advantages.flatten().to(rewards.dtype)
+    group_id = torch.arange(rewards.numel(), device=rewards.device) // group_size
+    return grpo_advantages(rewards, group_id, AdvantageParams(scale=scale, eps=eps))
 
 
 # --------------------------------------------------------------------------------------------------
