@@ -78,6 +78,30 @@ class PAPOConfig:
 
 
 @dataclass
+class FiltersConfig:
+    """Reward shaping and group filters between the rewards and the advantages (mmrl.components)."""
+
+    overlong_cache_length: int = 0  # DAPO soft overlong penalty over the last L tokens before the limit (0 = off)
+    overlong_penalty_factor: float = 1.0  # the penalty at the limit
+    mask_truncated: bool = False  # completions that hit the length limit leave the loss (TRL)
+    gfpo_k: int | None = None  # GFPO: keep the k best of each group (None = off); 1 <= k <= group_size
+    gfpo_metric: str = "length"  # length (shortest) | reward_per_token
+    gfpo_adaptive: bool = False  # k per prompt from its difficulty (gfpo_k_per_bucket, hardest first)
+    gfpo_k_per_bucket: list[int] = field(default_factory=lambda: [8, 8, 6, 4])  # paper: of G = 16
+    gfpo_quantiles: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+@dataclass
+class MismatchConfig:
+    """Rollout/training mismatch correction (TIS / MIS); needs a policy that records sampler log-probs."""
+
+    mode: str | None = None  # token_truncate | token_mask | sequence_truncate | sequence_mask (None = off)
+    cap: float = 2.0  # C: truncation cap (TIS paper, verl; TRL uses 3.0)
+    low: float | None = None  # MIS lower bound on the ratio (None = none)
+    high: float | None = None  # MIS upper bound (None = cap)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -136,6 +160,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     papo: PAPOConfig = field(default_factory=PAPOConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     preset: str | None = None  # a named set of defaults (mmrl.config.PRESETS) under this file's values
     # Task-typed sections; their dataclasses come from the task (see module docstring).
     model: Any = None

@@ -38,6 +38,7 @@ from transformers import get_scheduler
 from mmrl import algorithms, checkpoint
 from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from mmrl.checkpoint import isolated_rng
+from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import PromptSampler
 from mmrl.evaluation import evaluate_policy
@@ -111,8 +112,13 @@ class Trainer(Resumable):
         self.advantage_fn = ADVANTAGE_ESTIMATORS[alg.advantage_estimator]
         self.advantage_params = AdvantageParams(scale=cfg.algorithm.adv_scale)
         self.loss_terms = build_loss_terms(cfg)
-        self.components: dict[str, Any] = {}  # stateful step components (filters, shapers), checkpointed by name
-        self.needs = frozenset().union(*(t.needs for t in self.loss_terms.values()))
+        self.components = build_components(cfg)  # reward shaping, group filters, per-token weights
+        self.needs = frozenset().union(*(c.needs for c in [*self.loss_terms.values(), *self.components.values()]))
+        if "logps:sampler" in self.needs:
+            if not hasattr(policy, "record_sampler_logp"):
+                raise ValueError(f"{sorted(self.components)} need the sampler's log-probs; "
+                                 f"{type(policy).__name__} does not record them")
+            policy.record_sampler_logp = True
         if "views:masked" in self.needs and not isinstance(policy, MaskedViewPolicy):
             raise ValueError(f"{sorted(self.loss_terms)} need a policy with a masked_view() method; "
                              f"{type(policy).__name__} has none")
@@ -226,13 +232,22 @@ class Trainer(Resumable):
         cfg = self.config
         start = time.perf_counter()
         batch, completions, rewards, gen_time = self._collect()       # generate → decode → rewards
+        self._phase("shape", batch)                                   # reward shaping (overlong penalty, ...)
+        self._phase("select", batch)                                  # group filters (GFPO, truncation, ...)
         batch.advantages = self._advantages(batch)                    # group-relative advantages
-        self._prepare(batch)                                          # old/ref log-probs, views (no grad)
+        self._prepare(batch)                                          # old/ref/sampler log-probs, views
+        self._phase("weigh", batch)                                   # per-token weights (TIS / MIS, ...)
         rollout_metrics = self._rollout_metrics(batch.rollout, rewards, completions)
         rollout_metrics["timing/generate_s"] = gen_time
+        shaped = batch.rewards[~torch.isnan(batch.rewards)]  # after shaping and filters ("reward" is before)
+        component_metrics = {"reward_shaped": float(shaped.mean()) if shaped.numel() else float("nan")}
+        for component in self.components.values():
+            component_metrics.update(component.metrics())
+        rollout_metrics.update(self._mean_across_processes(component_metrics))
         if "masked" in batch.views:
             rollout_metrics["papo/samples_without_view"] = float((~batch.views["masked"][1]).sum())
         update_metrics: dict[str, float] = {}
+        self.model.train()
         for _ in range(cfg.algorithm.ppo_epochs):                     # updates on whole-group mini-batches
             for index in batch.minibatches(self.mini_batch_size, self.generator):
                 update_metrics = self._update(batch.select(index))
@@ -257,6 +272,10 @@ class Trainer(Resumable):
         batch.rewards = rewards.total
         return batch, completions, rewards, gen_time
 
+    def _phase(self, phase: str, batch: StepBatch) -> None:
+        for component in self.components.values():
+            getattr(component, phase)(batch)
+
     def _advantages(self, batch: StepBatch) -> Tensor:
         return self.advantage_fn(batch.rewards, batch.group_id, self.advantage_params).to(self.accelerator.device)
 
@@ -264,8 +283,12 @@ class Trainer(Resumable):
         """What the update and the loss terms need, computed once per rollout without gradient."""
         # With one update per rollout the policy has not moved yet when it is scored, so old_logp =
         # logp.detach() and this pass is skipped (as in TRL).
-        if self.updates_per_step > 1:
+        if self.updates_per_step > 1 or "logps:old" in self.needs:
             batch.logps["old"] = self._score(self.model, batch.rollout)
+        if "logps:sampler" in self.needs:
+            if batch.rollout.sampler_logp is None:
+                raise ValueError(f"{type(self.policy).__name__}.generate did not fill Rollout.sampler_logp")
+            batch.logps["sampler"] = batch.rollout.sampler_logp
         if "logps:ref" in self.needs:
             batch.logps["ref"] = self._score(self.ref_model, batch.rollout)
         if "views:masked" in self.needs:  # PAPO: one mask per prompt, shared by its group
