@@ -39,12 +39,25 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    loss_type: str = "grpo"  # grpo | bnpo | dapo | dr_grpo  (see mmrl.algorithms.LOSS_AGGREGATIONS)
-    adv_scale: str = "group"  # group | batch | none (Dr. GRPO)
-    epsilon: float = 0.2  # PPO clip, lower side (and upper unless epsilon_high is set)
-    epsilon_high: float | None = None  # DAPO clip-higher, e.g. 0.28
+    # The policy-ratio objective (mmrl.objectives.OBJECTIVES): ppo | gspo | gspo_token | gmpo | cispo | sapo.
+    # `preset: <name>` brings each one's published clip range and aggregation.
+    objective: str = "ppo"
+    # How per-token losses become one number (mmrl.algorithms.LOSS_AGGREGATIONS), normalised by the whole
+    # mini-batch's counts over every process: grpo (mean over sequences of token means) | bnpo, dapo (mean
+    # over tokens) | dr_grpo (token sum / (sequences × max_new_tokens)).
+    loss_type: str = "grpo"
+    advantage_estimator: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline (mmrl.advantages)
+    adv_scale: str = "group"  # grpo estimator: group | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # PPO clip, lower side (and upper unless epsilon_high is set); gmpo: on log r
+    epsilon_high: float | None = None  # DAPO clip-higher, e.g. 0.28; cispo: IS-weight cap = 1 + epsilon_high
+    dual_clip: float | None = None  # ppo: cap −A·r at −A·C for A < 0 (verl's clip_ratio_c, e.g. 3.0)
+    delta: float | None = None  # ppo: TRL's two-sided clip, ratio <= delta (e.g. 1.5)
+    tau_pos: float = 1.0  # sapo: gate temperature for A > 0
+    tau_neg: float = 1.05  # sapo: gate temperature for A <= 0
     beta: float = 0.0  # weight of KL to the frozen reference model; 0 = no reference model
     kl_estimator: str = "k3"
+    kl_clamp: bool = False  # verl's clamps on k3 (log-ratio to ±20, estimate to [-10, 10])
+    entropy_coef: float = 0.0  # entropy bonus: − c·H of the full token distribution (verl's entropy_coeff)
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
 
 
@@ -62,6 +75,30 @@ class PAPOConfig:
     eta_orig: float = 0.0  # η₁: double-entropy weight, sampled-token entropy under the original image
     eta_mask: float = 0.0  # η₂: under the masked image (has a gradient only with masked_grad: true)
     monitor_window: int = 10  # steps per window for the KL-hacking warnings
+
+
+@dataclass
+class FiltersConfig:
+    """Reward shaping and group filters between the rewards and the advantages (mmrl.components)."""
+
+    overlong_cache_length: int = 0  # DAPO soft overlong penalty over the last L tokens before the limit (0 = off)
+    overlong_penalty_factor: float = 1.0  # the penalty at the limit
+    mask_truncated: bool = False  # completions that hit the length limit leave the loss (TRL)
+    gfpo_k: int | None = None  # GFPO: keep the k best of each group (None = off); 1 <= k <= group_size
+    gfpo_metric: str = "length"  # length (shortest) | reward_per_token
+    gfpo_adaptive: bool = False  # k per prompt from its difficulty (gfpo_k_per_bucket, hardest first)
+    gfpo_k_per_bucket: list[int] = field(default_factory=lambda: [8, 8, 6, 4])  # paper: of G = 16
+    gfpo_quantiles: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+@dataclass
+class MismatchConfig:
+    """Rollout/training mismatch correction (TIS / MIS); needs a policy that records sampler log-probs."""
+
+    mode: str | None = None  # token_truncate | token_mask | sequence_truncate | sequence_mask (None = off)
+    cap: float = 2.0  # C: truncation cap (TIS paper, verl; TRL uses 3.0)
+    low: float | None = None  # MIS lower bound on the ratio (None = none)
+    high: float | None = None  # MIS upper bound (None = cap)
 
 
 @dataclass
@@ -123,6 +160,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     papo: PAPOConfig = field(default_factory=PAPOConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     preset: str | None = None  # a named set of defaults (mmrl.config.PRESETS) under this file's values
     # Task-typed sections; their dataclasses come from the task (see module docstring).
     model: Any = None
@@ -139,10 +178,11 @@ PRESETS: dict[str, dict] = {
     "dapo": {"algorithm": {"loss_type": "dapo", "adv_scale": "group", "epsilon": 0.2, "epsilon_high": 0.28,
                            "beta": 0.0}},
     "dr_grpo": {"algorithm": {"loss_type": "dr_grpo", "adv_scale": "none"}},
-    # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6.
+    # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6;
+    # token-mean aggregation as every official run (`loss_avg_mode: token`).
     "papo_grpo": {
         "group_size": 5, "sampling": {"temperature": 1.0, "top_p": 0.99}, "optim": {"lr": 1e-6},
-        "algorithm": {"loss_type": "grpo", "epsilon": 0.2, "epsilon_high": 0.3, "beta": 0.01, "kl_estimator": "k3"},
+        "algorithm": {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.3, "beta": 0.01, "kl_estimator": "k3"},
         "papo": {"enabled": True, "gamma": 0.02, "kl_estimator": "k3"},
     },
     # PAPO on DAPO: no KL_ref, clip 0.2/0.28, token-level loss, γ 0.01.
@@ -152,6 +192,19 @@ PRESETS: dict[str, dict] = {
         "papo": {"enabled": True, "gamma": 0.01, "kl_estimator": "k3"},
     },
 }
+
+
+
+def _objective_presets() -> dict[str, dict]:
+    """``preset: gspo | gspo_token | gmpo | cispo | sapo``: the objective with its published clip range and
+    aggregation (mmrl.objectives.OBJECTIVE_PRESETS)."""
+    from mmrl.objectives import OBJECTIVE_PRESETS
+
+    return {name: {"algorithm": {"objective": name, "loss_type": spec["loss_type"], **spec["params"]}}
+            for name, spec in OBJECTIVE_PRESETS.items() if name != "ppo"}
+
+
+PRESETS.update(_objective_presets())
 
 # --------------------------------------------------------------------------------------------------
 # Generic loading

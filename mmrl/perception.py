@@ -18,14 +18,18 @@ cost of the masked forward's activations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from mmrl import algorithms
-from mmrl.config import PAPOConfig
+from mmrl.config import PAPOConfig, TrainConfig
+from mmrl.loss_terms import MicroBatch, register_loss_term
 from mmrl.policy import Rollout
 
 logger = logging.getLogger(__name__)
@@ -44,25 +48,58 @@ class MaskedViewPolicy(Protocol):
 
 
 def perception_term(logp: Tensor, masked_logp: Tensor, mask: Tensor, has_view: Tensor, cfg: PAPOConfig,
-                    gamma: float, loss_type: str, max_completion_length: int | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PAPO addition to the loss for one micro-batch, and its monitors."""
+                    gamma: float, loss_type: str = "grpo", max_completion_length: int | None = None,
+                    aggregate: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PAPO addition to the loss for one micro-batch, and its monitors. ``aggregate`` reduces a
+    per-token term over the view's tokens the way the policy loss is reduced (default: ``loss_type``'s
+    aggregation over this micro-batch alone).
+
+    As in the official code, both entropy weights follow γ's schedule: η·γ_t/γ₀ (they are regularisers of
+    the perception term and fade with it)."""
+    if aggregate is None:
+        def aggregate(values: Tensor, m: Tensor) -> Tensor:
+            return algorithms.aggregate_loss(values, m, loss_type, max_completion_length)
     view_mask = mask * has_view.to(mask.dtype).unsqueeze(-1)
     kl = algorithms.perception_kl(logp, masked_logp, cfg.kl_estimator)
     kl_in_loss = kl if cfg.kl_token_clip is None else kl.clamp(max=cfg.kl_token_clip)
-    kl_agg = algorithms.aggregate_loss(kl_in_loss, view_mask, loss_type, max_completion_length)
-    term = -gamma * kl_agg
-    entropy_orig = algorithms.aggregate_loss(-logp, view_mask, loss_type, max_completion_length)
-    entropy_mask = algorithms.aggregate_loss(-masked_logp, view_mask, loss_type, max_completion_length)
+    term = -gamma * aggregate(kl_in_loss, view_mask)
+    eta_scale = gamma / cfg.gamma if cfg.gamma > 0 else 1.0
     if cfg.eta_orig:
-        term = term + cfg.eta_orig * entropy_orig
+        term = term + cfg.eta_orig * eta_scale * aggregate(-logp, view_mask)
     if cfg.eta_mask:
-        term = term + cfg.eta_mask * entropy_mask
+        term = term + cfg.eta_mask * eta_scale * aggregate(-masked_logp, view_mask)
     metrics = {
         "papo/perception_kl": algorithms.masked_mean(kl.detach(), view_mask),
         "papo/entropy_orig": algorithms.masked_mean(-logp.detach(), view_mask),
         "papo/entropy_masked": algorithms.masked_mean(-masked_logp.detach(), view_mask),
     }
     return term, metrics
+
+
+@dataclass
+class PerceptionLoss:
+    """PAPO as a loss term of the one trainer: needs the policy's masked view of each rollout."""
+
+    cfg: PAPOConfig
+    needs: frozenset[str] = frozenset({"views:masked"})
+
+    def __call__(self, mb: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        gamma = algorithms.scheduled_weight(cfg.gamma, mb.rollout_step, mb.max_steps, cfg.gamma_schedule,
+                                            cfg.anneal_fraction)
+        view, has_view = mb.batch.views["masked"]
+        # One batched extra forward per micro-batch (no gradient unless papo.masked_grad).
+        with contextlib.nullcontext() if cfg.masked_grad else torch.no_grad():
+            masked_logp, _ = mb.policy.log_probs(mb.model, view)
+        term, metrics = perception_term(mb.logp, masked_logp, mb.mask, has_view.to(mb.mask.device), cfg, gamma,
+                                        aggregate=lambda values, m: mb.aggregate(values, m, "view:masked"))
+        metrics["papo/gamma"] = torch.tensor(gamma)
+        return term, metrics
+
+
+@register_loss_term("perception")
+def _perception(cfg: TrainConfig) -> PerceptionLoss | None:
+    return PerceptionLoss(cfg.papo) if cfg.papo.enabled else None
 
 
 class CollapseMonitor:

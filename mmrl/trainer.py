@@ -36,15 +36,21 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mmrl import algorithms, checkpoint
-from mmrl.checkpoint import CheckpointError, isolated_rng
+from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
+from mmrl.checkpoint import isolated_rng
+from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import PromptSampler
 from mmrl.evaluation import evaluate_policy
 from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
-from mmrl.perception import CollapseMonitor, MaskedViewPolicy, perception_term
+from mmrl.loss_terms import MicroBatch, build_loss_terms
+from mmrl.objectives import ObjectiveParams, get_objective
+from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
+from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
+from mmrl.step import StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-class Trainer:
+class Trainer(Resumable):
     """Trains ``policy`` with GRPO-family RL on ``train_dataset`` (a sequence of prompt records).
 
     ``reward_funcs`` overrides ``config.rewards``: callables (or registry names) with TRL's signature,
@@ -81,8 +87,6 @@ class Trainer:
         # PAPO's masks: their own stream, so turning PAPO on does not change the mini-batch order.
         self.mask_generator = torch.Generator().manual_seed(cfg.seed + 7919 * (1 + self.accelerator.process_index))
         self.collapse_monitor = CollapseMonitor(cfg.papo.monitor_window) if cfg.papo.enabled else None
-        if cfg.papo.enabled and not isinstance(policy, MaskedViewPolicy):
-            raise ValueError(f"papo.enabled needs a policy with a masked_view() method; {type(policy).__name__} has none")
 
         self.policy = policy
         if reward_funcs is None:
@@ -97,12 +101,34 @@ class Trainer:
         if len(self.reward_weights) != len(self.reward_fns):
             raise ValueError(f"{len(self.reward_fns)} reward functions but {len(self.reward_weights)} weights")
 
+        # The algorithm, as registered components chosen by name: the objective (policy-ratio loss), the
+        # advantage estimator, and the loss terms the config turns on (KL, PAPO's perception term, ...).
+        # Each term declares what it needs prepared; the trainer builds only that.
+        alg = cfg.algorithm
+        self.objective = get_objective(alg.objective)
+        self.objective_params = ObjectiveParams(epsilon=alg.epsilon, epsilon_high=alg.epsilon_high,
+                                                dual_clip=alg.dual_clip, delta=alg.delta, tau_pos=alg.tau_pos,
+                                                tau_neg=alg.tau_neg)
+        self.advantage_fn = ADVANTAGE_ESTIMATORS[alg.advantage_estimator]
+        self.advantage_params = AdvantageParams(scale=cfg.algorithm.adv_scale)
+        self.loss_terms = build_loss_terms(cfg)
+        self.components = build_components(cfg)  # reward shaping, group filters, per-token weights
+        self.needs = frozenset().union(*(c.needs for c in [*self.loss_terms.values(), *self.components.values()]))
+        if "logps:sampler" in self.needs:
+            if not hasattr(policy, "record_sampler_logp"):
+                raise ValueError(f"{sorted(self.components)} need the sampler's log-probs; "
+                                 f"{type(policy).__name__} does not record them")
+            policy.record_sampler_logp = True
+        if "views:masked" in self.needs and not isinstance(policy, MaskedViewPolicy):
+            raise ValueError(f"{sorted(self.loss_terms)} need a policy with a masked_view() method; "
+                             f"{type(policy).__name__} has none")
+
         model = policy.model
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The reference model is a frozen copy of the starting weights (only when the KL term is on).
+        # The reference model is a frozen copy of the starting weights, built when a component needs it.
         self.ref_model = None
-        if cfg.algorithm.beta > 0:
+        if "logps:ref" in self.needs:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             if "forward" in model.__dict__:
                 # An instance-level forward (a wrapper some libraries install) is copied as a closure over the
@@ -202,59 +228,82 @@ class Trainer:
         return history
 
     def _rollout_step(self) -> dict[str, float]:
-        """One rollout step: sample groups, reward, advantages, old/ref log-probs, ``ppo_epochs`` passes."""
+        """One rollout step, one line per phase."""
+        cfg = self.config
+        start = time.perf_counter()
+        batch, completions, rewards, gen_time = self._collect()       # generate → decode → rewards
+        self._phase("shape", batch)                                   # reward shaping (overlong penalty, ...)
+        self._phase("select", batch)                                  # group filters (GFPO, truncation, ...)
+        batch.advantages = self._advantages(batch)                    # group-relative advantages
+        self._prepare(batch)                                          # old/ref/sampler log-probs, views
+        self._phase("weigh", batch)                                   # per-token weights (TIS / MIS, ...)
+        rollout_metrics = self._rollout_metrics(batch.rollout, rewards, completions)
+        rollout_metrics["timing/generate_s"] = gen_time
+        shaped = batch.rewards[~torch.isnan(batch.rewards)]  # after shaping and filters ("reward" is before)
+        component_metrics = {"reward_shaped": float(shaped.mean()) if shaped.numel() else float("nan")}
+        for component in self.components.values():
+            component_metrics.update(component.metrics())
+        rollout_metrics.update(self._mean_across_processes(component_metrics))
+        if "masked" in batch.views:
+            rollout_metrics["papo/samples_without_view"] = float((~batch.views["masked"][1]).sum())
+        update_metrics: dict[str, float] = {}
+        self.model.train()
+        for _ in range(cfg.algorithm.ppo_epochs):                     # updates on whole-group mini-batches
+            for index in batch.minibatches(self.mini_batch_size, self.generator):
+                update_metrics = self._update(batch.select(index))
+                self._after_update(rollout_metrics, update_metrics, start)
+        self.rollout_step += 1
+        return {**rollout_metrics, **update_metrics}
+
+    def _collect(self) -> tuple[StepBatch, list, Any, float]:
+        """Sample a group per prompt (no gradient, eval mode for deterministic layers), decode, reward."""
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
         records = self.sampler.next_batch()
-
-        # 1. sample a group per prompt (no gradient, eval mode for deterministic layers)
         self.model.eval()
         with torch.no_grad():
             rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
         gen_time = time.perf_counter() - start
-
-        # 2. rewards  3. advantages
         completions = self.policy.decode(rollout)
         rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
                                   rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names,
                                   faults=self.reward_faults)
-        advantages = algorithms.group_advantages(rewards.total, cfg.group_size, cfg.algorithm.adv_scale)
-        advantages = advantages.to(acc.device)
+        batch = StepBatch.from_rollout(rollout)
+        batch.rewards = rewards.total
+        return batch, completions, rewards, gen_time
 
-        # 4. rollout-time and reference log-probs. With one update per rollout the policy has not moved
-        # yet when it is scored, so old_logp = logp.detach() and this pass is skipped (as in TRL).
-        old_logp = self._score(self.model, rollout) if self.updates_per_step > 1 else None
-        ref_logp = self._score(self.ref_model, rollout) if self.ref_model is not None else None
-        # PAPO: the same completions under masked inputs, one mask per prompt shared by its group.
-        masked = self.policy.masked_view(rollout, self.mask_generator) if cfg.papo.enabled else None
+    def _phase(self, phase: str, batch: StepBatch) -> None:
+        for component in self.components.values():
+            getattr(component, phase)(batch)
 
-        # 5. optimisation
-        self.model.train()
-        rollout_metrics = self._rollout_metrics(rollout, rewards, completions)
-        rollout_metrics["timing/generate_s"] = gen_time
-        if masked is not None:
-            rollout_metrics["papo/samples_without_view"] = float((~masked[1]).sum())
-        update_metrics: dict[str, float] = {}
-        for _ in range(cfg.algorithm.ppo_epochs):
-            order = torch.randperm(rollout.batch_size, generator=self.generator)
-            for index in order.split(self.mini_batch_size):
-                dev_index = index.to(acc.device)
-                update_metrics = self._update(
-                    rollout.select(index), advantages[dev_index],
-                    None if old_logp is None else old_logp[dev_index],
-                    None if ref_logp is None else ref_logp[dev_index],
-                    None if masked is None else (masked[0].select(index), masked[1][index]))
-                if self.collapse_monitor is not None:
-                    self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
-                                                 update_metrics["papo/entropy_masked"], self.global_step)
-                self.global_step += 1
-                step_time = time.perf_counter() - start
-                self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
-                           "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
-                           "learning_rate": self.scheduler.get_last_lr()[0],
-                           "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
-        self.rollout_step += 1
-        return {**rollout_metrics, **update_metrics}
+    def _advantages(self, batch: StepBatch) -> Tensor:
+        return self.advantage_fn(batch.rewards, batch.group_id, self.advantage_params).to(self.accelerator.device)
+
+    def _prepare(self, batch: StepBatch) -> None:
+        """What the update and the loss terms need, computed once per rollout without gradient."""
+        # With one update per rollout the policy has not moved yet when it is scored, so old_logp =
+        # logp.detach() and this pass is skipped (as in TRL).
+        if self.updates_per_step > 1 or "logps:old" in self.needs:
+            batch.logps["old"] = self._score(self.model, batch.rollout)
+        if "logps:sampler" in self.needs:
+            if batch.rollout.sampler_logp is None:
+                raise ValueError(f"{type(self.policy).__name__}.generate did not fill Rollout.sampler_logp")
+            batch.logps["sampler"] = batch.rollout.sampler_logp
+        if "logps:ref" in self.needs:
+            batch.logps["ref"] = self._score(self.ref_model, batch.rollout)
+        if "views:masked" in self.needs:  # PAPO: one mask per prompt, shared by its group
+            batch.views["masked"] = self.policy.masked_view(batch.rollout, self.mask_generator)
+
+    def _after_update(self, rollout_metrics: dict[str, float], update_metrics: dict[str, float], start: float) -> None:
+        if self.collapse_monitor is not None:
+            self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
+                                         update_metrics["papo/entropy_masked"], self.global_step)
+        self.global_step += 1
+        step_time = time.perf_counter() - start
+        self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
+                   "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
+                   "learning_rate": self.scheduler.get_last_lr()[0],
+                   "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """True on every process if any process got a stop signal (all must save and stop together)."""
@@ -265,56 +314,72 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
 
-    def _micro_batches(self, rollout: Rollout) -> list[Tensor]:
-        return list(torch.arange(rollout.batch_size).split(self.config.micro_batch_size))
-
     @torch.no_grad()
     def _score(self, model: torch.nn.Module, rollout: Rollout) -> Tensor:
         """Per-token log-probs of the whole rollout under ``model``, micro-batch by micro-batch."""
         model.eval()
-        parts = [self.policy.log_probs(model, rollout.select(i))[0] for i in self._micro_batches(rollout)]
+        parts = [self.policy.log_probs(model, rollout.select(i))[0]
+                 for i in torch.arange(rollout.batch_size).split(self.config.micro_batch_size)]
         return torch.cat(parts).detach()
 
-    def _update(self, batch: Rollout, advantages: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None,
-                masked: tuple[Rollout, Tensor] | None = None) -> dict[str, float]:
-        """One optimizer update on a mini-batch, accumulating gradients over micro-batches."""
-        cfg, alg, acc, papo = self.config, self.config.algorithm, self.accelerator, self.config.papo
-        gamma = algorithms.scheduled_weight(papo.gamma, self.rollout_step, cfg.max_steps, papo.gamma_schedule,
-                                            papo.anneal_fraction)
-        mask_all = batch.completion_mask.to(acc.device)
-        micro = self._micro_batches(batch)
+    def _global_counts(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(tokens, sequences) of a mini-batch's mask summed over every process: the loss normaliser."""
+        counts = torch.stack([mask.sum(), (mask.sum(dim=1) > 0).sum().to(mask.dtype)]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts[0], counts[1]
+
+    def _update(self, batch: StepBatch) -> dict[str, float]:
+        """One optimizer update on a mini-batch of whole groups, accumulating over micro-batches.
+
+        Order per micro-batch (as TRL's ``_compute_loss``): per-token objective (importance ratio →
+        objective) → per-token weights → the loss mask → aggregation over the *global* token/sequence counts
+        of the mini-batch → plus each loss term. Under DDP each process's loss is multiplied by the number of
+        processes, because DDP averages gradients while the normaliser already counts every process."""
+        cfg, alg, acc = self.config, self.config.algorithm, self.accelerator
+        loss_mask = batch.loss_mask.to(acc.device)
+        normalisers = {"loss": self._global_counts(loss_mask)}
+        for name, (_, has_view) in batch.views.items():
+            normalisers[f"view:{name}"] = self._global_counts(loss_mask * has_view.to(loss_mask).unsqueeze(-1))
+
+        def aggregate(values: Tensor, mask: Tensor, normaliser: str) -> Tensor:
+            tokens, sequences = normalisers[normaliser]
+            total = algorithms.aggregate_loss(values, mask, alg.loss_type, cfg.sampling.max_new_tokens,
+                                              global_tokens=tokens, global_sequences=sequences)
+            return total * acc.num_processes
+
+        micro = batch.micro_batches(cfg.micro_batch_size)
         sums: dict[str, float] = {}
         for n, index in enumerate(micro):
             part = batch.select(index)
-            dev_index = index.to(acc.device)
-            mask = mask_all[dev_index].float()
+            mask = part.loss_mask.to(acc.device)
             sync = contextlib.nullcontext() if n == len(micro) - 1 else acc.no_sync(self.model)
             with sync:
-                logp, entropy = self.policy.log_probs(self.model, part, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[dev_index]
-                loss, metrics = algorithms.policy_loss(
-                    logp, old, advantages[dev_index], mask, alg.loss_type, alg.epsilon, alg.epsilon_high,
-                    cfg.sampling.max_new_tokens)
+                logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=True)
+                old = part.logps["old"].to(logp.device) if "old" in part.logps else logp.detach()
+                per_token, metrics = self.objective(logp, old, part.advantages, mask, self.objective_params)
+                weight = part.token_weight()
+                if weight is not None:
+                    per_token = per_token * weight.to(per_token.device)
+                loss = aggregate(per_token, mask, "loss")
                 metrics["policy_loss"] = loss.detach()
-                if ref_logp is not None:
-                    kl = algorithms.kl_estimate(logp, ref_logp[dev_index], alg.kl_estimator)
-                    loss = loss + alg.beta * algorithms.aggregate_loss(kl, mask, alg.loss_type, cfg.sampling.max_new_tokens)
-                    metrics["kl"] = algorithms.masked_mean(kl.detach(), mask)
-                metrics["entropy"] = algorithms.masked_mean(entropy, mask)
-                if masked is not None:
-                    # One batched extra forward per micro-batch (no gradient unless papo.masked_grad).
-                    with contextlib.nullcontext() if papo.masked_grad else torch.no_grad():
-                        masked_logp, _ = self.policy.log_probs(self.model, masked[0].select(index))
-                    term, papo_metrics = perception_term(logp, masked_logp, mask, masked[1][index].to(acc.device), papo,
-                                                         gamma, alg.loss_type, cfg.sampling.max_new_tokens)
-                    loss = loss + term
-                    metrics.update(papo_metrics)
-                    metrics["papo/gamma"] = torch.tensor(gamma)
-                weight = algorithms.micro_batch_weight(alg.loss_type, mask, mask_all, len(micro))
-                acc.backward(loss * weight)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / len(micro)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / len(micro)
+                metrics["entropy"] = algorithms.masked_mean(entropy.detach(), mask)
+                context = MicroBatch(part, logp, entropy, mask, self.model, self.policy, self.rollout_step,
+                                     cfg.max_steps, aggregate)
+                for term in self.loss_terms.values():
+                    value, term_metrics = term(context)
+                    loss = loss + value
+                    metrics.update(term_metrics)
+                acc.backward(loss)
+            metrics["loss"] = loss.detach()
+            for key, value in metrics.items():  # loss parts add up over micro-batches; monitors are averaged
+                share = 1.0 if key in ("loss", "policy_loss") else 1.0 / len(micro)
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+        return self._apply_update(sums)
+
+    def _apply_update(self, sums: dict[str, float]) -> dict[str, float]:
+        """Clip, check for non-finite values (all processes skip together), step."""
+        cfg, acc = self.config, self.accelerator
         # The norm is always measured (max_norm=inf scales by exactly 1.0): a non-finite one must be seen.
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm and cfg.optim.max_grad_norm > 0 else math.inf
         sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -407,61 +472,3 @@ class Trainer:
             return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset, reward, sampling,
                                    batch_size=cfg.eval.batch_size, max_samples=max_samples,
                                    show_progress=cfg.logging.progress_bar, reward_timeout=cfg.reward_timeout)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint-<rollout_step>`` crash-safely (see :mod:`mmrl.checkpoint`); every process
-        adds its own RNG and sampler state. Returns the path on the main process."""
-        acc, cfg = self.accelerator, self.config
-        staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            previous = checkpoint.latest_checkpoint(self.output_dir)
-            checkpoint.begin_save(self.output_dir, self.rollout_step)
-            self.policy.save_pretrained(acc.unwrap_model(self.model), str(staging / "model"))
-            checkpoint.save_main_state(staging, self.optimizer, self.scheduler, self._trainer_state(),
-                                       reference=self.ref_model, previous=previous)
-        acc.wait_for_everyone()  # the staging directory exists before the other processes write into it
-        checkpoint.save_rank_state(staging, acc.process_index, self._generators(),
-                                   {"sampler": self.sampler.state_dict(), "reward_faults": self.reward_faults.state_dict()})
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        path = checkpoint.finish_save(staging, self.rollout_step, cfg.save_total_limit)
-        logger.info("saved checkpoint to %s", path)
-        return path
-
-    def _generators(self) -> dict[str, torch.Generator]:
-        return {"minibatch": self.generator, "mask": self.mask_generator}
-
-    def _trainer_state(self) -> dict[str, Any]:
-        return {"rollout_step": self.rollout_step, "global_step": self.global_step,
-                "num_processes": self.accelerator.num_processes, "run_info": self.run_info,
-                "update_guard": self.update_guard.state_dict(),
-                "collapse_monitor": None if self.collapse_monitor is None else self.collapse_monitor.state_dict()}
-
-    def _resume(self, path: Path) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:  # a damaged file is an error naming it, before anything is loaded
-            checkpoint.verify_checkpoint(path)
-        acc.wait_for_everyone()
-        state = checkpoint.load_main_state(path, self.optimizer, self.scheduler)
-        if state["num_processes"] != acc.num_processes:
-            raise CheckpointError(
-                f"{path} was written by {state['num_processes']} processes, this run has {acc.num_processes}: "
-                "every process's sampler and random state is part of the run; resume with the same number")
-        checkpoint.load_model_weights(acc.unwrap_model(self.model), path / "model")
-        if self.ref_model is not None:  # the reference is the run's starting point (e.g. after the cold start)
-            checkpoint.load_reference(path, self.ref_model)
-        rank_state = checkpoint.load_rank_state(path, acc.process_index, self._generators())
-        self.sampler.load_state_dict(rank_state["sampler"])
-        self.reward_faults.load_state_dict(rank_state["reward_faults"])
-        self.rollout_step = state["rollout_step"]
-        self.global_step = state["global_step"]
-        self.run_info = dict(state.get("run_info") or {})
-        self.update_guard.load_state_dict(state["update_guard"])
-        if self.collapse_monitor is not None and state.get("collapse_monitor"):
-            self.collapse_monitor.load_state_dict(state["collapse_monitor"])
-        self.resumed_from = path
-        logger.info("resumed from %s at rollout step %d", path, self.rollout_step)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmrl import algorithms, checkpoint
+from mmrl import checkpoint
 from mmrl.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 from mmrl.config import LoggingConfig, OptimConfig, RewardConfig, TrainConfig
 from mmrl.faults import NonFiniteUpdates, StopRequest, UpdateGuard
@@ -217,17 +217,17 @@ def test_update_guard_counts_and_aborts_after_consecutive_skips():
         guard.check(math.nan, math.nan, step=6)
 
 
-def test_non_finite_loss_skips_the_update_and_never_reaches_the_weights(tmp_path, monkeypatch):
+def test_non_finite_loss_skips_the_update_and_never_reaches_the_weights(tmp_path):
     trainer = make_trainer(make_config(tmp_path, max_steps=3, save_steps=0, save_final=False))
-    real = algorithms.policy_loss
+    real = trainer.objective
     calls = {"n": 0}
 
     def nan_on_second_update(*args, **kwargs):
         calls["n"] += 1
-        loss, metrics = real(*args, **kwargs)
-        return (loss * math.nan if calls["n"] == 2 else loss), metrics
+        per_token, metrics = real(*args, **kwargs)
+        return (per_token * math.nan if calls["n"] == 2 else per_token), metrics
 
-    monkeypatch.setattr(algorithms, "policy_loss", nan_on_second_update)
+    trainer.objective = nan_on_second_update
     snapshots = []
     original_update = trainer._update
 
@@ -248,11 +248,11 @@ def test_non_finite_loss_skips_the_update_and_never_reaches_the_weights(tmp_path
     assert trainer.optimizer.state_dict()["state"][0]["step"] == 2  # Adam saw two updates, not three
 
 
-def test_abort_after_max_consecutive_skips(tmp_path, monkeypatch):
+def test_abort_after_max_consecutive_skips(tmp_path):
     trainer = make_trainer(make_config(tmp_path, max_steps=5, save_steps=0, save_final=False,
                                        max_consecutive_skips=2))
-    real = algorithms.policy_loss
-    monkeypatch.setattr(algorithms, "policy_loss", lambda *a, **k: (lambda out: (out[0] * math.nan, out[1]))(real(*a, **k)))
+    real = trainer.objective
+    trainer.objective = lambda *a, **k: (lambda out: (out[0] * math.nan, out[1]))(real(*a, **k))
     with pytest.raises(NonFiniteUpdates, match="2 optimizer updates in a row"):
         trainer.train()
 

@@ -202,14 +202,14 @@ def half_missing(prompts, completions, **kwargs):
 
 def test_missing_rewards_get_zero_advantage(tmp_path, monkeypatch):
     seen = []
-    original = algorithms.group_advantages
+    original = algorithms.ADVANTAGE_ESTIMATORS["grpo"]
 
-    def spy(rewards, group_size, scale="group", eps=1e-4):
-        advantages = original(rewards, group_size, scale, eps)
+    def spy(rewards, group_id, params):
+        advantages = original(rewards, group_id, params)
         seen.append((rewards.clone(), advantages.clone()))
         return advantages
 
-    monkeypatch.setattr(algorithms, "group_advantages", spy)
+    monkeypatch.setitem(algorithms.ADVANTAGE_ESTIMATORS, "grpo", spy)
     cfg = make_config(tmp_path, max_steps=2)
     _, rows = run(cfg, reward_funcs=[half_missing])
     assert len(seen) == 2
@@ -223,7 +223,7 @@ def test_missing_rewards_get_zero_advantage(tmp_path, monkeypatch):
         assert row["reward_missing_frac"] == 0.5
         assert row["rewards/half_missing/failures"] == batch // 2
     # the semantics directly: NaNs are left out of their group's statistics
-    adv = original(torch.tensor([float("nan"), 1.0, float("nan"), 3.0]), 4)
+    adv = algorithms.group_advantages(torch.tensor([float("nan"), 1.0, float("nan"), 3.0]), 4)
     assert adv[0] == 0 and adv[2] == 0 and adv[1] < 0 < adv[3]
 
 

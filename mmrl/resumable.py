@@ -1,0 +1,94 @@
+"""Saving and resuming the trainer's whole state (the :class:`~mmrl.trainer.Trainer` mixes this in).
+
+What a checkpoint holds and how it is written crash-safely is :mod:`mmrl.checkpoint`'s; this file decides
+*which* state of the run goes where: shared state in ``trainer_state.json`` (the same on every process),
+per-process state (RNG streams, sampler position, fault counters, components' per-process history) in
+``rank-<r>``. A stateful component joins by exposing ``state_dict()`` / ``load_state_dict()`` and being
+listed in :meth:`Resumable._stateful`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmrl import checkpoint
+from mmrl.checkpoint import CheckpointError
+
+logger = logging.getLogger("mmrl.trainer")
+
+
+class Resumable:
+    """Checkpoint methods of the trainer (needs its accelerator, model, optimizer, scheduler, sampler...)."""
+
+    def _stateful(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(shared, per-process) components with ``state_dict`` / ``load_state_dict``, by name. Shared ones
+        are identical on every process (decided from reduced metrics) and saved once."""
+        shared = {"update_guard": self.update_guard, "collapse_monitor": self.collapse_monitor}
+        per_process = {"sampler": self.sampler, "reward_faults": self.reward_faults}
+        for name, component in self.components.items():  # filters and shapers with a memory (e.g. SRPO history)
+            if hasattr(component, "state_dict"):
+                per_process[f"component:{name}"] = component
+        return ({k: v for k, v in shared.items() if v is not None},
+                {k: v for k, v in per_process.items() if v is not None})
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-<rollout_step>`` crash-safely (see :mod:`mmrl.checkpoint`); every process
+        adds its own RNG and component state. Returns the path on the main process."""
+        acc, cfg = self.accelerator, self.config
+        shared, per_process = self._stateful()
+        staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            previous = checkpoint.latest_checkpoint(self.output_dir)
+            checkpoint.begin_save(self.output_dir, self.rollout_step)
+            self.policy.save_pretrained(acc.unwrap_model(self.model), str(staging / "model"))
+            state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
+                     "num_processes": acc.num_processes, "run_info": self.run_info,
+                     **{name: c.state_dict() for name, c in shared.items()}}
+            checkpoint.save_main_state(staging, self.optimizer, self.scheduler, state,
+                                       reference=self.ref_model, previous=previous)
+        acc.wait_for_everyone()  # the staging directory exists before the other processes write into it
+        checkpoint.save_rank_state(staging, acc.process_index, self._generators(),
+                                   {name: c.state_dict() for name, c in per_process.items()})
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        path = checkpoint.finish_save(staging, self.rollout_step, cfg.save_total_limit)
+        logger.info("saved checkpoint to %s", path)
+        return path
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"minibatch": self.generator, "mask": self.mask_generator}
+
+    def _resume(self, path: Path) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:  # a damaged file is an error naming it, before anything is loaded
+            checkpoint.verify_checkpoint(path)
+        acc.wait_for_everyone()
+        state = checkpoint.load_main_state(path, self.optimizer, self.scheduler)
+        if state["num_processes"] != acc.num_processes:
+            raise CheckpointError(
+                f"{path} was written by {state['num_processes']} processes, this run has {acc.num_processes}: "
+                "every process's sampler and random state is part of the run; resume with the same number")
+        checkpoint.load_model_weights(acc.unwrap_model(self.model), path / "model")
+        if self.ref_model is not None:  # the reference is the run's starting point (e.g. after the cold start)
+            checkpoint.load_reference(path, self.ref_model)
+        rank_state = checkpoint.load_rank_state(path, acc.process_index, self._generators())
+        shared, per_process = self._stateful()
+        for name, component in shared.items():
+            if name not in state:
+                raise CheckpointError(f"{path} has no state for {name!r}: it was saved with other options")
+            component.load_state_dict(state[name])
+        for name, component in per_process.items():
+            if name not in rank_state:
+                raise CheckpointError(f"{path} has no state for {name!r}: it was saved with other options")
+            component.load_state_dict(rank_state[name])
+        self.rollout_step = state["rollout_step"]
+        self.global_step = state["global_step"]
+        self.run_info = dict(state.get("run_info") or {})
+        self.resumed_from = path
+        logger.info("resumed from %s at rollout step %d", path, self.rollout_step)
