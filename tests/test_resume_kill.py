@@ -50,6 +50,13 @@ CASES = {
         "papo.gamma_schedule=linear", "papo.gamma=0.05", "optim.lr=3e-3"]),
     "image_gen_demo": Case("configs/image_gen/demo.yaml", IMAGE_GEN_SMALL),
     "two_processes": Case("configs/vision/demo.yaml", VISION_SMALL + ["algorithm.beta=0.05"], processes=2),
+    # GFPO with adaptive k (a streaming difficulty estimate per prompt: state that must be checkpointed)
+    "gfpo_adaptive": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "group_size=8", "micro_batch_size=16", "filters.gfpo_k=4", "filters.gfpo_adaptive=true",
+        "filters.gfpo_k_per_bucket=[6,4,2]", "filters.gfpo_quantiles=[0.34,0.67]"]),
+    "gspo_preset_overlong": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "preset=gspo", "algorithm.ppo_epochs=2", "mini_batch_size=4", "filters.overlong_cache_length=4",
+        "filters.mask_truncated=true"]),
 }
 
 
