@@ -18,10 +18,11 @@ without forking anything — every piece is a public submodule we drive ourselve
   in [−1, 1]; we map them to [0, 1] as DeepSeek's ``(x + 1) / 2`` does.
 
 Sampling is our own KV-cached loop (``transformers.DynamicCache``) over ``[cond; uncond]`` rows with the
-guided logits ``u + s·(c − u)`` (Janus samples at s = 5, temperature 1, no top-k/top-p), and it records
-the log-prob of each sampled token under the conditional and the guided distribution so that
-:meth:`JanusImagePolicy.log_probs` (one teacher-forced forward) can be checked against it — the same
-``logprob_mode`` contract (``cond`` | ``cfg``) as :class:`image_gen.policy.ARImagePolicy`.
+guided logits ``u + s·(c − u)`` (Janus samples at s = 5, temperature 1, no top-k/top-p); on request it
+records each sampled token's log-prob under the distribution it was drawn from
+(:func:`image_gen.sampling.sample_next`) for rollout/training mismatch corrections — the same
+``logprob_mode`` (``cond`` | ``cfg``) and ``record_sampler_logp`` contract as
+:class:`image_gen.policy.ARImagePolicy`.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, JanusForConditionalGeneration, JanusProcessor
 
 from image_gen.sampling import (
+    SampledTokens,
     cfg_logits,
     cfg_scales,
     check_guidance,
-    filter_logits,
     guided_token_logprobs,
+    sample_next,
 )
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
@@ -99,13 +101,6 @@ def positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 def _last_hidden(model, embeds: Tensor, mask: Tensor, cache: DynamicCache | None = None) -> Tensor:
     """Final hidden state of the last position; with ``cache``, ``embeds`` are only the new positions."""
     pos = positions(mask)[:, -embeds.shape[1]:]
@@ -118,30 +113,25 @@ def _last_hidden(model, embeds: Tensor, mask: Tensor, cache: DynamicCache | None
 def sample_janus_tokens(model, cond_ids: Tensor, uncond_ids: Tensor, mask: Tensor, num_tokens: int,
                         cfg_scale: float = 5.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        generator: torch.Generator | None = None,
-                        use_cache: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample ``num_tokens`` image tokens per prompt row with CFG (``model``: the unwrapped Janus model).
-
-    Returns ``tokens`` [N, T] and the sampled tokens' log-probs under the conditional and the guided
-    distribution (``log_softmax(logits / T)``, T = 1 when greedy). ``use_cache=False`` re-runs the whole
-    prefix every step: the reference the cached path is tested against."""
+                        generator: torch.Generator | None = None, use_cache: bool = True,
+                        with_logp: bool = False) -> SampledTokens:
+    """Sample ``num_tokens`` image tokens per prompt row with CFG (``model``: the unwrapped Janus model);
+    with ``with_logp`` also the sampler's own log-prob of each (:func:`image_gen.sampling.sample_next`).
+    ``use_cache=False`` re-runs the whole prefix every step: the reference the cached path is tested against."""
     batch = cond_ids.shape[0]
     device = model.model.generation_head.vision_head.weight.device
     prompt = model.get_input_embeddings()(torch.cat([cond_ids, uncond_ids]).to(device))
     mask = torch.cat([mask, mask]).to(device)
     scales = cfg_scales(num_tokens, cfg_scale, cfg_interval, device)
-    temp = temperature if temperature > 0 else 1.0
     cache = DynamicCache(config=model.config.text_config) if use_cache else None
     hidden = _last_hidden(model, prompt, mask, cache)
     tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    logp_cond, logp_cfg = [], []
+    logps = []
     for t in range(num_tokens):
         logits = model.model.generation_head(hidden).float()
-        c, u = logits[:batch], logits[batch:]
-        guided = cfg_logits(c, u, scales[t])
-        nxt = _pick(guided, temperature, top_k, top_p, generator)
-        logp_cond.append((c / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
-        logp_cfg.append((guided / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+        guided = cfg_logits(logits[:batch], logits[batch:], scales[t])
+        nxt, logp = sample_next(guided, temperature, top_k, top_p, generator, with_logp)
+        logps.append(logp)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if t + 1 == num_tokens:
             break
@@ -152,7 +142,7 @@ def sample_janus_tokens(model, cond_ids: Tensor, uncond_ids: Tensor, mask: Tenso
         else:
             image = model.prepare_embeddings_for_image_generation(torch.cat([tokens, tokens]))
             hidden = _last_hidden(model, torch.cat([prompt, image.to(prompt.dtype)], dim=1), mask)
-    return tokens, torch.stack(logp_cond, 1), torch.stack(logp_cfg, 1)
+    return SampledTokens(tokens, torch.stack(logps, 1) if with_logp else None)
 
 
 def _trim_left_padding(ids: Tensor, uncond: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,12 +155,14 @@ class JanusImagePolicy:
     """Samples Janus image-token sequences with classifier-free guidance and scores them.
 
     ``logprob_mode``: ``cond`` scores the conditional distribution (AR-GRPO / T2I-R1's choice), ``cfg`` the
-    guided one the tokens were actually sampled from (on-policy; gradients reach both branches)."""
+    guided one the tokens were actually sampled from (on-policy; gradients reach both branches).
+    ``record_sampler_logp`` (off by default) fills ``Rollout.sampler_logp`` with the log-prob of each token
+    under the guided, tempered, filtered distribution it was drawn from (0 when greedy), for TIS/MIS."""
 
     def __init__(self, model: torch.nn.Module, processor, cfg_scale: float = 5.0,
                  cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
                  use_cache: bool = True, logprob_chunk_size: int = 1024, decode_batch_size: int = 8,
-                 prompt_template: str = PROMPT_TEMPLATE):
+                 prompt_template: str = PROMPT_TEMPLATE, record_sampler_logp: bool = False):
         self.cfg_interval = check_guidance(cfg_scale, cfg_interval, logprob_mode)
         self.model = model
         self.processor = processor
@@ -181,6 +173,7 @@ class JanusImagePolicy:
         self.logprob_chunk_size = logprob_chunk_size
         self.decode_batch_size = decode_batch_size
         self.prompt_template = prompt_template
+        self.record_sampler_logp = record_sampler_logp
         self.tokens = special_tokens(model, self.tokenizer)
         self.num_tokens = num_image_tokens(model)
 
@@ -193,9 +186,10 @@ class JanusImagePolicy:
         cond, uncond, mask = encode_prompts(self.tokenizer, [r["prompt"] for r in records], self.tokens,
                                             self.prompt_template)
         cond, uncond, mask = cond[repeat], uncond[repeat], mask[repeat]
-        tokens, logp_cond, logp_cfg = sample_janus_tokens(
+        tokens, sampler_logp = sample_janus_tokens(
             unwrap_model(model), cond, uncond, mask, self.num_tokens, self.cfg_scale, self.cfg_interval,
-            sampling.temperature, sampling.top_k, sampling.top_p, use_cache=self.use_cache)
+            sampling.temperature, sampling.top_k, sampling.top_p, use_cache=self.use_cache,
+            with_logp=self.record_sampler_logp)
         tokens = tokens.cpu()
         keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
         return Rollout(
@@ -204,7 +198,7 @@ class JanusImagePolicy:
             prompts=[records[i]["prompt"] for i in repeat.tolist()],
             columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
             truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),
-            sampler_logp=(logp_cond if self.logprob_mode == "cond" else logp_cfg).cpu(),
+            sampler_logp=None if sampler_logp is None else sampler_logp.cpu(),
             temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
 
     def _hidden(self, model: torch.nn.Module, prompt_ids: Tensor, mask: Tensor, ids: Tensor) -> Tensor:

@@ -17,6 +17,12 @@ ones); :meth:`ARImagePolicy.decode` turns them into images for the reward functi
 * ``cfg``: the guided distribution u + s·(c − u) the tokens were actually sampled from (two forwards per
   micro-batch, cond and null, batched together): the ratio is on-policy and gradients flow through both
   branches.
+
+``record_sampler_logp`` (off by default: training without a mismatch correction computes nothing extra;
+the trainer turns it on when a component needs the sampler's log-probs) fills ``Rollout.sampler_logp``
+with each token's log-prob under the distribution it was drawn from — guided, tempered, top-k/top-p
+filtered; 0 when greedy — so TIS/MIS can correct for whatever the trainer's π_old differs in (the
+conditional distribution in ``cond`` mode, the unfiltered one in both).
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ class ARImagePolicy:
 
     def __init__(self, model: torch.nn.Module, tokenizer, cfg_scale: float = 2.0,
                  cfg_interval: tuple[float, float] = (0.0, 1.0), logprob_mode: str = "cond",
-                 use_cache: bool = True, logprob_chunk_size: int = 1024, text_encoder=None):
+                 use_cache: bool = True, logprob_chunk_size: int = 1024, text_encoder=None,
+                 record_sampler_logp: bool = False):
         self.cfg_interval = check_guidance(cfg_scale, cfg_interval, logprob_mode)
         self.model = model
         self.tokenizer = tokenizer
@@ -51,6 +58,7 @@ class ARImagePolicy:
         self.logprob_mode = logprob_mode
         self.use_cache = use_cache
         self.logprob_chunk_size = logprob_chunk_size
+        self.record_sampler_logp = record_sampler_logp
         self.num_tokens = model.config.block_size
         # t2i: something with ``encode(prompts) -> (features [B, L, D], mask [B, L])``, e.g.
         # image_gen.text_encoder.T5TextEncoder. It is frozen and not part of the trained model.
@@ -82,9 +90,10 @@ class ARImagePolicy:
     def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
         repeat = torch.arange(len(records)).repeat_interleave(group_size)
         conditions = {k: v[repeat] for k, v in self._conditions(records).items()}
-        tokens, logp_cond, logp_cfg = sample_image_tokens(
+        tokens, sampler_logp = sample_image_tokens(
             model, conditions["cond"], self.num_tokens, self.cfg_scale, self.cfg_interval, sampling.temperature,
-            sampling.top_k, sampling.top_p, use_cache=self.use_cache, cond_mask=conditions.get("cond_mask"))
+            sampling.top_k, sampling.top_p, use_cache=self.use_cache, cond_mask=conditions.get("cond_mask"),
+            with_logp=self.record_sampler_logp)
         keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
         tokens = tokens.cpu()
         return Rollout(
@@ -92,7 +101,7 @@ class ARImagePolicy:
             prompts=[records[i].get("prompt") for i in repeat.tolist()],
             columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
             truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),
-            sampler_logp=(logp_cond if self.logprob_mode == "cond" else logp_cfg).cpu(),
+            sampler_logp=None if sampler_logp is None else sampler_logp.cpu(),
             temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
 
     def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -5,12 +5,16 @@ guided logits ``u + s·(c − u)`` (Ho & Salimans; LlamaGen and AR-GRPO use s = 
 can be limited to an interval of the token sequence (``cfg_interval``, fractions of the tokens): outside
 it the scale is 1, i.e. plain conditional sampling.
 
-The sampler returns, for every sampled token, its log-prob under the *conditional* distribution and under
-the *guided* distribution (both at the sampling temperature, over the full vocabulary) so the trainer can
-check its own recomputation against them (``logprob_mode`` in :mod:`image_gen.policy`).
+On request the sampler also returns, for every sampled token, its log-prob under the distribution it was
+actually drawn from — guided, tempered, top-k/top-p filtered (:func:`sample_next`). That is π_sampler of
+the rollout/training mismatch corrections (TIS/MIS, :func:`mmrl.objectives.mismatch_weights`): with
+``logprob_mode: cond`` the trainer's π_old is the *conditional* distribution, so π_old/π_sampler ≠ 1 even
+without filtering, and filtering makes the two differ in ``cfg`` mode too.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -50,24 +54,39 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+def sample_next(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, with_logp: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Draw the next token [B] from ``logits`` [B, V]: temperature, then :func:`filter_logits`; the argmax
+    when ``temperature <= 0``. With ``with_logp`` also its log-prob [B] under exactly the distribution it was
+    drawn from (renormalised over the tokens top-k/top-p kept), which is what an importance weight
+    π_old/π_sampler divides by. Greedy decoding is a point mass, so its log-prob is 0."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = logits.argmax(-1)
+        return token, (torch.zeros(token.shape, device=logits.device) if with_logp else None)
+    processed = filter_logits(logits / temperature, top_k, top_p)
+    token = torch.multinomial(processed.softmax(-1), 1, generator=generator).squeeze(-1)
+    if not with_logp:
+        return token, None
+    # gather − logsumexp rather than a full log_softmax: no second [B, V] tensor (mmrl.ops does the same)
+    return token, processed.gather(-1, token[:, None]).squeeze(-1) - processed.logsumexp(-1)
+
+
+class SampledTokens(NamedTuple):
+    """What a CFG sampler returns: ``tokens`` [B, T] and, when asked for, ``logp`` [B, T] — each token's
+    log-prob under the guided, tempered, filtered distribution it was drawn from (0 when greedy)."""
+
+    tokens: Tensor
+    logp: Tensor | None
 
 
 @torch.no_grad()
 def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float = 2.0,
                         cfg_interval: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-                        cond_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample ``num_tokens`` image tokens per condition with CFG.
-
-    Returns ``tokens`` [B, T] and the per-token log-probs of the sampled tokens under the conditional
-    and the guided distribution, both ``log_softmax(logits / T)`` over the full vocabulary ([B, T] each;
-    with temperature 0 they are taken at T = 1). ``use_cache=False`` re-runs the whole prefix every step
-    (the reference the cached path is tested and benchmarked against).
+                        cond_mask: Tensor | None = None, with_logp: bool = False) -> SampledTokens:
+    """Sample ``num_tokens`` image tokens per condition with CFG; with ``with_logp`` also the sampler's own
+    log-prob of each (:func:`sample_next`). ``use_cache=False`` re-runs the whole prefix every step (the
+    reference the cached path is tested and benchmarked against).
     """
     batch = cond.shape[0]
     device = model.output.weight.device
@@ -77,9 +96,8 @@ def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float =
     # swapped the features but kept the mask, so that is what the null branch was trained on).
     both_mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask]).to(device)
     scales = cfg_scales(num_tokens, cfg_scale, cfg_interval, device)
-    temp = temperature if temperature > 0 else 1.0
     tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    logp_cond, logp_cfg = [], []
+    logps = []
     if use_cache:
         model.setup_cache(2 * batch, device=device)
         logits = model.prefill(both, both_mask)
@@ -87,18 +105,16 @@ def sample_image_tokens(model, cond: Tensor, num_tokens: int, cfg_scale: float =
         for t in range(num_tokens):
             if not use_cache:
                 logits = model(torch.cat([tokens, tokens]), both, both_mask)[:, -1]
-            c, u = logits[:batch].float(), logits[batch:].float()
-            guided = cfg_logits(c, u, scales[t])
-            nxt = _pick(guided, temperature, top_k, top_p, generator)
-            logp_cond.append((c / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
-            logp_cfg.append((guided / temp).log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1))
+            guided = cfg_logits(logits[:batch].float(), logits[batch:].float(), scales[t])
+            nxt, logp = sample_next(guided, temperature, top_k, top_p, generator, with_logp)
+            logps.append(logp)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if use_cache and t + 1 < num_tokens:
                 logits = model.forward_step(torch.cat([nxt, nxt]))
     finally:
         if use_cache:
             model.clear_cache()
-    return tokens, torch.stack(logp_cond, 1), torch.stack(logp_cfg, 1)
+    return SampledTokens(tokens, torch.stack(logps, 1) if with_logp else None)
 
 
 LOGPROB_MODES = ("cond", "cfg")  # see image_gen.policy: which distribution the policy ratio is taken on

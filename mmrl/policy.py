@@ -53,8 +53,10 @@ class Rollout:
     ``completion_ids``/``completion_mask`` are ``[B, T]``, right-padded; the mask covers the tokens up to
     and including the stop token. ``prompts`` and ``columns`` are what reward functions receive (one
     entry per sample). ``truncated`` marks samples that hit the length limit without stopping.
-    ``sampler_logp`` holds the sampling engine's own log-probs when it reports them (e.g. vLLM), for
-    rollout/training mismatch corrections; ``None`` otherwise.
+    ``sampler_logp`` ``[B, T]`` holds the sampling engine's own log-prob of each sampled token — under the
+    distribution it was actually drawn from (after temperature, top-k/top-p, suppressed tokens, guidance),
+    0 on padding and for greedy decoding (a point mass) — when the policy records it (the built-in ones do
+    with ``record_sampler_logp = True``), for rollout/training mismatch corrections; ``None`` otherwise.
     """
 
     completion_ids: Tensor

@@ -95,8 +95,8 @@ def sample_reward(gpt: GPT, vq: DiffusersVQ, encoder: T5TextEncoder, rows: list[
     """Mean geneval_rules of CFG samples (T = 1) per category and overall."""
     features, mask = encoder.encode([r["prompt"] for r in rows])
     gen = torch.Generator().manual_seed(seed)
-    tokens, _, _ = sample_image_tokens(gpt, features, gpt.config.block_size, cfg_scale, generator=gen,
-                                       cond_mask=mask)
+    tokens = sample_image_tokens(gpt, features, gpt.config.block_size, cfg_scale, generator=gen,
+                                 cond_mask=mask).tokens
     scores = geneval_rules([r["prompt"] for r in rows], list(decode_all(vq, tokens)), spec=[r["spec"] for r in rows])
     out = {c: float(np.mean([s or 0.0 for s, r in zip(scores, rows) if r["category"] == c])) for c in CATEGORIES}
     out["overall"] = float(np.mean([s or 0.0 for s in scores]))

@@ -8,7 +8,7 @@ import torch
 
 from image_gen.gpt import GPT, get_config
 from image_gen.policy import ARImagePolicy
-from image_gen.sampling import cfg_logits, cfg_scales, filter_logits, sample_image_tokens
+from image_gen.sampling import cfg_logits, cfg_scales, filter_logits, sample_image_tokens, sample_next
 from image_gen.vq import build_tiny_diffusers_vq
 from mmrl.policy import Sampling
 
@@ -50,35 +50,78 @@ def test_cached_sampling_matches_uncached(gpt):
     runs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(7)
-        runs.append(sample_image_tokens(gpt, cond, 16, cfg_scale=2.0, temperature=1.0, generator=g, use_cache=use_cache))
-    assert torch.equal(runs[0][0], runs[1][0])  # token-identical for the same RNG
-    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(runs[0][2], runs[1][2], atol=1e-5, rtol=1e-5)
+        runs.append(sample_image_tokens(gpt, cond, 16, cfg_scale=2.0, temperature=1.0, generator=g, use_cache=use_cache,
+                                        with_logp=True))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)  # token-identical for the same RNG
+    torch.testing.assert_close(runs[0].logp, runs[1].logp, atol=1e-5, rtol=1e-5)
+    assert sample_image_tokens(gpt, cond, 2).logp is None  # nothing recorded unless asked
 
 
 def test_top_k_restricts_samples(gpt):
     g = torch.Generator().manual_seed(0)
-    tokens, _, _ = sample_image_tokens(gpt, torch.tensor([1, 2]), 1, cfg_scale=1.0, top_k=3, generator=g)
+    tokens, _ = sample_image_tokens(gpt, torch.tensor([1, 2]), 1, cfg_scale=1.0, top_k=3, generator=g)
     logits = gpt(torch.zeros(2, 0, dtype=torch.long), torch.tensor([1, 2]))[:, 0]
     top3 = logits.topk(3, -1).indices
     assert all(tokens[i, 0] in top3[i] for i in range(2))
 
 
+def test_sample_next_logp_is_the_filtered_tempered_distribution():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 4.0, 0.2, 0.1]])
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)):
+        token, logp = sample_next(logits, 0.7, top_k, top_p, g, with_logp=True)
+        expected = filter_logits(logits / 0.7, top_k, top_p).log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        torch.testing.assert_close(logp, expected)
+        assert sample_next(logits, 0.7, top_k, top_p, g)[1] is None
+    token, logp = sample_next(logits, 0.0, with_logp=True)  # greedy: a point mass on the argmax
+    assert token.tolist() == [0, 2] and logp.tolist() == [0.0, 0.0]
+
+
+def test_sampler_logp_of_the_first_token_by_hand(gpt):
+    """The first image token's recorded log-prob against a direct forward: guided, tempered, filtered."""
+    cond = torch.tensor([1, 2, 3])
+    torch.manual_seed(0)
+    tokens, logp = sample_image_tokens(gpt, cond, 1, cfg_scale=2.0, temperature=0.7, top_k=10, top_p=0.9,
+                                       with_logp=True)
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    c, u = gpt(empty, cond)[:, 0].float(), gpt(empty, gpt.null_condition(3))[:, 0].float()
+    processed = filter_logits(cfg_logits(c, u, 2.0) / 0.7, 10, 0.9)
+    torch.testing.assert_close(logp[:, 0], processed.log_softmax(-1).gather(-1, tokens).squeeze(-1))
+
+
 @pytest.mark.parametrize("mode", ["cond", "cfg"])
-def test_sampler_logprobs_equal_trainer_recomputation(gpt, mode):
+def test_sampler_logp_against_trainer_recomputation(gpt, mode):
+    """Without top-k/top-p the sampler's log-probs are the guided ones ``cfg`` mode recomputes; ``cond`` mode
+    scores the conditional distribution, equal only outside the guidance interval (scale 1)."""
     policy = ARImagePolicy(gpt, build_tiny_diffusers_vq(), cfg_scale=2.5, cfg_interval=(0.25, 1.0), logprob_mode=mode,
                            logprob_chunk_size=5)
     records = [{"prompt": "a", "class_id": 1, "spec": None}, {"prompt": "b", "class_id": 4, "spec": None}]
+    assert policy.generate(gpt, records, 1, Sampling()).sampler_logp is None  # off by default
+    policy.record_sampler_logp = True
     torch.manual_seed(3)
     rollout = policy.generate(gpt, records, 3, Sampling(temperature=0.8))
     assert rollout.completion_ids.shape == (6, 16) and rollout.completion_mask.all()
     assert rollout.columns["class_id"] == [1, 1, 1, 4, 4, 4]
     logp, entropy = policy.log_probs(gpt, rollout, with_entropy=True)
-    torch.testing.assert_close(logp.detach(), rollout.sampler_logp, atol=1e-5, rtol=1e-5)
     assert entropy is not None and (entropy > 0).all()
-    if mode == "cfg":  # the guided log-probs differ from the conditional ones
-        cond_policy = ARImagePolicy(gpt, policy.tokenizer, 2.5, (0.25, 1.0), "cond")
-        assert not torch.allclose(cond_policy.log_probs(gpt, rollout)[0], logp)
+    assert rollout.sampler_logp.shape == (6, 16)
+    if mode == "cfg":
+        torch.testing.assert_close(logp.detach(), rollout.sampler_logp, atol=1e-5, rtol=1e-5)
+    else:  # tokens 0..3 are outside the interval (plain conditional sampling)
+        torch.testing.assert_close(logp.detach()[:, :4], rollout.sampler_logp[:, :4], atol=1e-5, rtol=1e-5)
+        assert (logp.detach()[:, 4:] - rollout.sampler_logp[:, 4:]).abs().max() > 1e-2
+
+
+def test_sampler_logp_with_filtering_and_greedy(gpt):
+    policy = ARImagePolicy(gpt, build_tiny_diffusers_vq(), cfg_scale=2.0, logprob_mode="cfg", record_sampler_logp=True)
+    records = [{"prompt": "a", "class_id": 0}, {"prompt": "b", "class_id": 3}]
+    torch.manual_seed(4)
+    rollout = policy.generate(gpt, records, 2, Sampling(temperature=0.9, top_k=8))
+    logp, _ = policy.log_probs(gpt, rollout)
+    # top-k renormalises over fewer tokens: the sampler's probability is never lower, here always higher
+    assert (rollout.sampler_logp > logp.detach() + 1e-4).all() and (rollout.sampler_logp <= 0).all()
+    greedy = policy.generate(gpt, records, 2, Sampling(temperature=0.0))
+    assert greedy.temperature == 1.0 and torch.equal(greedy.sampler_logp, torch.zeros(4, 16))
 
 
 def test_gradients_reach_both_branches_in_cfg_mode(gpt):

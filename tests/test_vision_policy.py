@@ -1,5 +1,5 @@
 """vision.policy.VisionPolicy: group sampling, completion masks, log-probs against a direct forward pass,
-decoding, sub-rollouts, suppressed vision tokens and gradients."""
+the sampler's own log-probs, decoding, sub-rollouts, suppressed vision tokens and gradients."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
+from transformers import StoppingCriteriaList
 
 from mmrl.policy import Policy, Rollout, Sampling
 from vision.data import VisionDataConfig, build_datasets
 from vision.modeling import VisionModelConfig, load_model_and_processor
-from vision.policy import VisionPolicy
+from vision.policy import SampledTokenLogp, VisionPolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -350,6 +351,88 @@ def test_vision_tokens_are_never_sampled(setup, synthetic_records):
         # the completions can be re-scored (placeholders would break a forward with images)
         logp, _ = policy.log_probs(model, rollout)
         assert torch.isfinite(logp[rollout.completion_mask.bool()]).all()
+
+
+# ---------------------------------------------------------------------------------------------- sampler log-probs
+
+
+@torch.no_grad()
+def sampler_reference(model, policy: VisionPolicy, rollout: Rollout, temperature: float, top_k: int = 0) -> torch.Tensor:
+    """The log-prob of each completion token under the distribution ``generate`` samples from, by hand: the
+    model's logits, vision tokens suppressed (−inf), divided by T, top-k (transformers' rule: drop < k-th)."""
+    kwargs, prompt_length = _full_inputs(rollout)
+    logits = model(**kwargs, use_cache=False).logits.float()[:, prompt_length - 1:-1]
+    logits[..., policy.suppress_token_ids] = float("-inf")
+    logits = logits / temperature
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[..., -1:], float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def test_sampler_logp_at_temperature_one_is_the_training_logp(setup, synthetic_records):
+    model, processor, _ = setup
+    policy = VisionPolicy(model, processor, record_sampler_logp=True)
+    records = _mixed_records(synthetic_records)
+    # a checkpoint's generation_config.json must not reach the sampler (Qwen2.5-VL's sets 1.05)
+    saved, model.generation_config.repetition_penalty = model.generation_config.repetition_penalty, 1.5
+    try:
+        torch.manual_seed(10)
+        with logit_bias(model, _eos_bias(policy, 4.0)):
+            rollout = policy.generate(model, records, 2, Sampling(temperature=1.0, max_new_tokens=5))
+            logp, _ = policy.log_probs(model, rollout)
+            reference = sampler_reference(model, policy, rollout, 1.0)
+        # with the suppressed vision tokens at zero mass for the trainer too, the two distributions agree
+        with logit_bias(model, {**_eos_bias(policy, 4.0), **{t: -1e4 for t in policy.suppress_token_ids}}):
+            torch.manual_seed(10)
+            same = policy.generate(model, records, 2, Sampling(temperature=1.0, max_new_tokens=5))
+            same_logp, _ = policy.log_probs(model, same)
+    finally:
+        model.generation_config.repetition_penalty = saved
+    mask = rollout.completion_mask
+    _assert_close_on_mask(rollout.sampler_logp, reference, mask)
+    assert (mask == 0).any() and (rollout.sampler_logp[mask == 0] == 0).all()  # 0 after the stop token
+    assert torch.isfinite(rollout.sampler_logp).all()
+    # otherwise the sampler renormalises over the vocabulary minus the vision tokens: never less likely
+    assert (rollout.sampler_logp - logp.detach())[mask.bool()].min() >= -1e-6
+    _assert_close_on_mask(same.sampler_logp, same_logp.detach(), same.completion_mask)
+
+
+def test_sampler_logp_with_top_k_matches_generate_scores(setup, synthetic_records):
+    model, processor, _ = setup
+    policy = VisionPolicy(model, processor, record_sampler_logp=True)
+    records = _mixed_records(synthetic_records)[:3]
+    sampling = Sampling(temperature=0.7, top_k=5, max_new_tokens=5)
+    torch.manual_seed(11)
+    rollout = policy.generate(model, records, 2, sampling)
+    mask = rollout.completion_mask
+    _assert_close_on_mask(rollout.sampler_logp, sampler_reference(model, policy, rollout, 0.7, top_k=5), mask)
+    # top-k renormalises over 5 tokens: above the trainer's log-prob at the same temperature everywhere
+    logp, _ = policy.log_probs(model, rollout)
+    assert rollout.temperature == 0.7
+    assert (rollout.sampler_logp - logp.detach())[mask.bool()].min() > 1e-3
+    # the same draw through generate's own output_scores (every step's [B, V] kept): identical values
+    config = policy.generation_config(sampling)
+    config.output_scores = config.return_dict_in_generate = True
+    torch.manual_seed(11)
+    out = model.generate(**policy._model_inputs(rollout.inputs, torch.device("cpu")), generation_config=config)
+    width = rollout.completion_ids.shape[1]
+    assert torch.equal(out.sequences[:, -width:].masked_fill(mask == 0, policy.pad_token_id), rollout.completion_ids)
+    scores = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, out.sequences[:, -width:, None]).squeeze(-1)
+    _assert_close_on_mask(rollout.sampler_logp, scores, mask, atol=1e-6)
+    # the recorder empties each step's scores once read: generate keeps no [B, T, V] of them
+    recorder = SampledTokenLogp()
+    torch.manual_seed(11)
+    out = model.generate(**policy._model_inputs(rollout.inputs, torch.device("cpu")), generation_config=config,
+                         stopping_criteria=StoppingCriteriaList([recorder]))
+    assert len(out.scores) == width and all(step.numel() == 0 for step in out.scores)
+    _assert_close_on_mask(recorder.logp(width), scores, mask, atol=1e-6)
+
+
+def test_greedy_sampler_logp_is_zero(setup, synthetic_records):
+    model, processor, _ = setup
+    policy = VisionPolicy(model, processor, record_sampler_logp=True)
+    rollout = policy.generate(model, synthetic_records[:2], 2, Sampling(temperature=0.0, max_new_tokens=4))
+    assert torch.equal(rollout.sampler_logp, torch.zeros(rollout.completion_ids.shape))
 
 
 # ---------------------------------------------------------------------------------------------- gradients

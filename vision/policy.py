@@ -4,6 +4,16 @@ Prompts are chat messages with images (see :mod:`vision`). A group is sampled by
 prompt's processed inputs ``G`` times in one ``generate`` call. Re-scoring a completion runs the
 model on prompt + completion and turns only the completion's final hidden states into log-probs,
 slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits never exist at once.
+
+``record_sampler_logp`` (off by default; the trainer turns it on when a component needs the sampler's
+log-probs, e.g. TIS/MIS) fills ``Rollout.sampler_logp`` with the log-prob of each sampled token under the
+scores ``generate`` drew it from — transformers' *processed* scores: suppressed tokens, temperature, top-k,
+top-p, −inf where filtered — while the trainer's log-probs are of the tempered, unfiltered distribution.
+They are read one step at a time (:class:`SampledTokenLogp`), not kept for the whole completion as
+``output_scores`` would: that is B·T·V fp32 on the accelerator — for Qwen2.5-VL's 151,936-token vocabulary
+0.61 MB per row and step, 40 GB for 64 rows × 1024 tokens; recording keeps B·T fp32 values instead (256 KB
+there) plus one step's transient ``logsumexp``. Greedy decoding (temperature 0) is a point mass: its
+log-prob is 0. Positions after the stop token hold 0.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from io import BytesIO
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
@@ -25,15 +35,48 @@ Tensor = torch.Tensor
 # Record keys that are model inputs, not columns for reward functions.
 INPUT_KEYS = ("prompt", "images")
 
+# Logits-processor settings pinned to their neutral values: transformers fills every setting a
+# GenerationConfig leaves at None from the checkpoint's generation_config.json (Qwen2.5-VL's sets
+# repetition_penalty=1.05), which would sample from a distribution the trainer never scores.
+NEUTRAL_PROCESSING = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                          encoder_no_repeat_ngram_size=0, min_length=0, typical_p=1.0, epsilon_cutoff=0.0,
+                          eta_cutoff=0.0, renormalize_logits=False)
 
+
+class SampledTokenLogp(StoppingCriteria):
+    """Records, at every decoding step, the log-prob of the token ``generate`` has just drawn under the
+    scores it drew it from, then frees those scores.
+
+    A stopping criterion runs after the new token is appended and, with ``output_scores``, receives every
+    step's processed scores as a tuple whose last entry is the current step's (transformers'
+    ``ConfidenceCriteria`` reads it the same way). Emptying that entry (``Tensor.set_()``: the tensor object
+    gets empty storage, tensors sharing the old storage keep it) means ``generate`` holds one step's
+    ``[B, V]`` scores instead of all of them; the sampling itself is untouched (it already happened)."""
+
+    def __init__(self) -> None:
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: tuple[Tensor, ...] | None, **kwargs) -> Tensor:
+        if not scores:
+            raise RuntimeError("SampledTokenLogp needs generate(..., output_scores=True, return_dict_in_generate=True)")
+        last = scores[-1]
+        token = input_ids[:, -1:].to(last.device)
+        self.steps.append((last.gather(-1, token).squeeze(-1) - last.logsumexp(-1)).float())
+        last.set_()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def logp(self, length: int) -> Tensor:
+        """[B, length] on the CPU (a backend that defers its stop check may have run extra steps)."""
+        return torch.stack(self.steps, dim=1)[:, :length].cpu()
 
 
 class VisionPolicy:
     """Samples and scores text completions of a Qwen-VL model for image+text prompts."""
 
     def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024,
-                 masking: MaskingConfig | None = None):
+                 masking: MaskingConfig | None = None, record_sampler_logp: bool = False):
         self.model = model
+        self.record_sampler_logp = record_sampler_logp
         self.processor = processor
         self.masking = masking or MaskingConfig()  # PAPO's masked view (used only when PAPO is on)
         self.tokenizer = processor.tokenizer
@@ -110,6 +153,16 @@ class VisionPolicy:
 
     # ------------------------------------------------------------------ Policy interface
 
+    def generation_config(self, sampling: Sampling) -> GenerationConfig:
+        """An explicit config: a checkpoint's generation_config.json (e.g. top_k=1 in Qwen instruct models)
+        must not silently change how the policy samples."""
+        greedy = sampling.temperature <= 0
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id, suppress_tokens=self.suppress_token_ids or None, **NEUTRAL_PROCESSING)
+
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
         device = next(model.parameters()).device
@@ -117,25 +170,28 @@ class VisionPolicy:
         repeat = torch.arange(len(records)).repeat_interleave(group_size)
         inputs = prompt_inputs.select(repeat)
         greedy = sampling.temperature <= 0
-        # An explicit config: a checkpoint's generation_config.json (e.g. top_k=1 in Qwen instruct
-        # models) must not silently change how the policy samples.
-        gen_config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k, eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id, repetition_penalty=None,
-            suppress_tokens=self.suppress_token_ids or None)
+        gen_config = self.generation_config(sampling)
         model_inputs = self._model_inputs(inputs, device)
         prompt_length = model_inputs["input_ids"].shape[1]
-        sequences = model.generate(**model_inputs, generation_config=gen_config)
+        recorder = SampledTokenLogp() if self.record_sampler_logp and not greedy else None
+        if recorder is None:
+            sequences = model.generate(**model_inputs, generation_config=gen_config)
+        else:
+            gen_config.output_scores = gen_config.return_dict_in_generate = True
+            sequences = model.generate(**model_inputs, generation_config=gen_config,
+                                       stopping_criteria=StoppingCriteriaList([recorder])).sequences
         completion_ids = sequences[:, prompt_length:].cpu()
         completion_mask, truncated = self._completion_mask(completion_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
+        sampler_logp = None
+        if self.record_sampler_logp:  # greedy: a point mass, log-prob 0
+            sampler_logp = torch.zeros(completion_ids.shape) if recorder is None else recorder.logp(completion_ids.shape[1])
+            sampler_logp = sampler_logp.masked_fill(completion_mask == 0, 0.0)
         keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)  # union, in order
         columns = {key: [records[i].get(key) for i in repeat.tolist()] for key in keys}
         return Rollout(completion_ids=completion_ids, completion_mask=completion_mask, inputs=inputs,
                        prompts=[records[i]["prompt"] for i in repeat.tolist()], columns=columns,
-                       group_size=group_size, truncated=truncated,
+                       group_size=group_size, truncated=truncated, sampler_logp=sampler_logp,
                        temperature=1.0 if greedy else sampling.temperature)
 
     def _completion_mask(self, completion_ids: Tensor) -> tuple[Tensor, Tensor]:
