@@ -152,3 +152,32 @@ def test_a_new_loss_term_joins_without_a_trainer_edit(tmp_path):
         assert rows[0]["length_penalty"] > 0
     finally:
         del LOSS_TERMS["test_length_penalty"]
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_mismatch_correction_weights_every_token_from_the_sampler_logps(tmp_path, mode):
+    seen = {}
+    cfg = make_config(tmp_path, mismatch__mode=mode, mismatch__cap=1.5, mismatch__low=0.5,
+                      sampling=Sampling(temperature=0.7, top_k=5, max_new_tokens=5))
+    bundle = task.build(cfg)
+    trainer = Trainer(cfg, bundle.policy, bundle.train_dataset, reward_funcs=[dense_reward])
+    assert bundle.policy.record_sampler_logp  # turned on because the component needs it
+    original = trainer._update
+
+    def spy(batch):
+        seen["batch"] = batch
+        return original(batch)
+
+    trainer._update = spy
+    rows = trainer.train()
+    batch = seen["batch"]
+    valid = batch.rollout.completion_mask.bool()
+    ratio = torch.exp(batch.logps["old"] - batch.logps["sampler"])[valid]
+    weights = batch.token_weights["mismatch"][valid]
+    assert (weights <= 1.5 + 1e-6).all()
+    if mode == "token_truncate":  # top-k renormalises the sampler's distribution: ratios below 1
+        torch.testing.assert_close(weights, ratio.clamp(min=0.5, max=1.5))  # C_min as TRL
+    if mode == "token_mask":
+        kept = batch.loss_mask.bool()[valid]
+        assert torch.equal(kept, (ratio >= 0.5) & (ratio <= 1.5))
+    assert any(k.startswith("mismatch/") for k in rows[0])
