@@ -102,7 +102,7 @@ class EntropyBonus:
     """− c · H: rewards keeping the token distribution broad (verl's ``entropy_coeff``)."""
 
     coef: float
-    needs: frozenset[str] = frozenset({"entropy"})
+    needs: frozenset[str] = frozenset({"entropy:grad"})  # the full distribution's entropy, with gradient
 
     def __call__(self, mb: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if mb.entropy is None:

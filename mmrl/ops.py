@@ -9,6 +9,7 @@ backward pass instead of keeping it — so at most one slice of fp32 logits exis
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,7 @@ Tensor = torch.Tensor
 
 
 def _slice_logprobs(
-    hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], temperature: float, want_entropy: bool
+    hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], temperature: float, want_entropy: bool | str
 ) -> tuple[Tensor, Tensor]:
     logits = head(hidden).float()
     if temperature != 1.0:
@@ -26,9 +27,9 @@ def _slice_logprobs(
     log_z = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
     if want_entropy:
-        # H = log Z − Σ p·logit from the full distribution. It is a monitor, not a loss term (entropy
-        # bonuses use the sampled-token estimate), so it carries no gradient and costs no backward.
-        with torch.no_grad():
+        # H = log Z − Σ p·logit from the full distribution. As a monitor it carries no gradient and costs no
+        # backward; an entropy bonus asks for it with gradient (want_entropy="grad").
+        with contextlib.nullcontext() if want_entropy == "grad" else torch.no_grad():
             entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     else:
         entropy = torch.zeros_like(logp)
@@ -41,9 +42,12 @@ def token_logprobs(
     head: Callable[[Tensor], Tensor],
     temperature: float = 1.0,
     chunk_size: int = 1024,
-    with_entropy: bool = False,
+    with_entropy: bool | str = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and optionally entropies) of ``targets`` under ``head(hidden)``.
+
+    ``with_entropy``: ``True`` — full-distribution entropies without gradient (a monitor); ``"grad"`` — with
+    gradient (an entropy bonus in the loss).
 
     ``hidden`` ``[B, T, H]`` are the states that *predict* ``targets`` ``[B, T]`` (already shifted by
     the caller). Rows are processed ``chunk_size`` tokens at a time. Returns fp32 ``[B, T]`` tensors.

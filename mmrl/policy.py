@@ -114,7 +114,8 @@ class Policy(Protocol):
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs ``[B, T]`` of ``rollout.completion_ids`` under ``model`` (with gradient if
-        enabled), and per-token entropies of the full distribution when ``with_entropy``."""
+        enabled), and per-token entropies of the full distribution when ``with_entropy`` (without gradient
+        for ``True``, with gradient for ``"grad"``: pass it on to :func:`mmrl.ops.token_logprobs`)."""
         ...
 
     def decode(self, rollout: Rollout) -> list[Any]:

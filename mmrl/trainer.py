@@ -119,6 +119,7 @@ class Trainer(Resumable):
                 raise ValueError(f"{sorted(self.components)} need the sampler's log-probs; "
                                  f"{type(policy).__name__} does not record them")
             policy.record_sampler_logp = True
+        self._entropy_mode: bool | str = "grad" if "entropy:grad" in self.needs else True
         if "views:masked" in self.needs and not isinstance(policy, MaskedViewPolicy):
             raise ValueError(f"{sorted(self.loss_terms)} need a policy with a masked_view() method; "
                              f"{type(policy).__name__} has none")
@@ -355,7 +356,7 @@ class Trainer(Resumable):
             mask = part.loss_mask.to(acc.device)
             sync = contextlib.nullcontext() if n == len(micro) - 1 else acc.no_sync(self.model)
             with sync:
-                logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=True)
+                logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=self._entropy_mode)
                 old = part.logps["old"].to(logp.device) if "old" in part.logps else logp.detach()
                 per_token, metrics = self.objective(logp, old, part.advantages, mask, self.objective_params)
                 weight = part.token_weight()

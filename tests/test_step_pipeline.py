@@ -181,3 +181,23 @@ def test_mismatch_correction_weights_every_token_from_the_sampler_logps(tmp_path
         kept = batch.loss_mask.bool()[valid]
         assert torch.equal(kept, (ratio >= 0.5) & (ratio <= 1.5))
     assert any(k.startswith("mismatch/") for k in rows[0])
+
+
+def test_entropy_bonus_has_a_gradient_and_raises_entropy_of_the_update(tmp_path):
+    grads = {}
+    for coef in (0.0, 1.0):
+        cfg = make_config(tmp_path / str(coef), algorithm__entropy_coef=coef)
+        bundle = task.build(cfg)
+        trainer = Trainer(cfg, bundle.policy, bundle.train_dataset,
+                          reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
+        apply = trainer._apply_update
+
+        def record(sums, trainer=trainer, coef=coef, apply=apply):
+            grads[coef] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            return apply(sums)
+
+        trainer._apply_update = record
+        trainer.train()
+    # zero rewards: the policy term has no gradient, the bonus alone moves the weights
+    assert all(g.abs().max() == 0 for g in grads[0.0].values())
+    assert any(g.abs().max() > 0 for g in grads[1.0].values())
