@@ -25,6 +25,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches' shared helpers
+import _sections  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "memory_slope"
@@ -118,15 +121,7 @@ def measure(config: str, steps: int, overrides: list[str], cold_start: bool = Fa
 
 
 def update_section(text: str, body: str, name: str = SECTION) -> str:
-    """``text`` with the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``body``
-    (the block appended at the end if absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text.split(start, 1)[1]:
-        before, rest = text.split(start, 1)
-        return before + block + rest.split(end, 1)[1]
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
-
+    return _sections.update_section(text, body, name)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

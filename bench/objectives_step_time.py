@@ -31,6 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches' shared helpers
+import _sections  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "objectives_step_time"
@@ -91,15 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def update_section(text: str, body: str, name: str = SECTION) -> str:
-    """``text`` with the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``body``
-    (appended at the end when there is no such block)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text.split(start, 1)[1]:
-        head, rest = text.split(start, 1)
-        return head + block + rest.split(end, 1)[1]
-    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
-
+    return _sections.update_section(text, body, name)
 
 def measure(rounds: int, warmup: int, overrides: list[str]) -> dict[str, dict[str, float]]:
     """{objective: {"step_s": median step time, "length": median mean completion length}}."""

@@ -315,7 +315,7 @@ def test_benchmark_as_training_held_out_set(tmp_path):
 # ----------------------------------------------------------------------------------- bench/ scripts
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
+BENCH_SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))  # _x.py: shared helpers
 
 
 def load_bench(path: Path):
