@@ -95,6 +95,9 @@ class ImageGenTask:
     policy: ARImagePolicy  # or image_gen.janus.JanusImagePolicy (model.backend: janus)
     train_dataset: list[dict]
     eval_dataset: list[dict] | None
+    # What the evaluation set is, as printed beside its score: only procedural prompts are held out; with a
+    # fixed pool of conditions (e.g. a class-conditional model's classes) it is the training conditions.
+    eval_label: str = "held-out"
 
 
 def tiny_classes() -> list[dict]:
@@ -185,6 +188,10 @@ def _file_pool(cfg: ImageGenDataConfig) -> list[dict]:
     return [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
 
 
+def _eval_label(cfg: ImageGenDataConfig) -> str:
+    return "held-out" if cfg.prompts == "procedural" else "eval-set (training conditions, new samples)"
+
+
 def _records(cfg: ImageGenDataConfig, model_config) -> tuple[list[dict], list[dict]]:
     """Training and held-out condition records. c2i records carry ``class_id``; t2i records ``prompt``."""
     if cfg.prompts == "procedural":  # held-out scenes never appear in training (image_gen.prompts split)
@@ -238,7 +245,7 @@ def build(cfg: TrainConfig) -> ImageGenTask:
         _check_rewards(cfg, train)
         logger.info("Janus generator: %.2fM trainable parameters; %d training prompts",
                     sum(p.numel() for p in policy.model.parameters() if p.requires_grad) / 1e6, len(train))
-        return ImageGenTask(policy, train, evaluation)
+        return ImageGenTask(policy, train, evaluation, _eval_label(cfg.data))
     model = _load_gpt(cfg.model)
     tokenizer = _load_vq(cfg.model)
     train, evaluation = _records(cfg.data, model.config)
@@ -252,7 +259,7 @@ def build(cfg: TrainConfig) -> ImageGenTask:
     _check_rewards(cfg, train)
     logger.info("AR generator: %.2fM parameters, %d tokens per image; %d training conditions",
                 sum(p.numel() for p in model.parameters()) / 1e6, model.config.block_size, len(train))
-    return ImageGenTask(policy, train, evaluation)
+    return ImageGenTask(policy, train, evaluation, _eval_label(cfg.data))
 
 
 @torch.no_grad()

@@ -105,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"cold start: {int(sft['sft/steps'])} SFT steps, final loss {sft['sft/final_loss']:.3f}")
     trainer = Trainer(cfg, task.policy, task.train_dataset, task.eval_dataset)
     evaluating = task.eval_dataset is not None
+    label = getattr(task, "eval_label", "held-out")  # a task says when its evaluation set is not held out
     if resume is not None:
         # What the killed run measured before training (cold start, accuracy before RL) comes from the
         # checkpoint: measuring it again now would measure the partly trained model.
@@ -117,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if evaluating and cfg.eval.before_training:
             before = trainer.evaluate()
             summary["accuracy_before"] = before["accuracy"]
-            print(f"held-out {cfg.eval.reward} before RL: {_fmt(before['accuracy'])} "
+            print(f"{label} {cfg.eval.reward} before RL: {_fmt(before['accuracy'])} "
                   f"({int(before['num_samples'])} samples)")
         trainer.run_info = {k: v for k, v in summary.items() if k != "config"}
     history = trainer.train()
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if evaluating and cfg.eval.after_training:
         after = trainer.evaluate()
         summary["accuracy_after"] = after["accuracy"]
-        line = f"held-out {cfg.eval.reward} after RL:  {_fmt(after['accuracy'])} ({int(after['num_samples'])} samples)"
+        line = f"{label} {cfg.eval.reward} after RL:  {_fmt(after['accuracy'])} ({int(after['num_samples'])} samples)"
         if "accuracy_before" in summary:
             delta = after["accuracy"] - summary["accuracy_before"]
             summary["accuracy_gain"] = delta

@@ -17,7 +17,9 @@ def test_image_gen_cli_run_writes_grids_and_metrics(tmp_path, capsys):
                  "data.num_eval=18", "logging.progress_bar=false", "logging.report_to=[jsonl]"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "held-out geneval_rules before RL" in out and "after RL" in out
+    # the demo evaluates new samples of its training classes: never called "held-out"
+    assert "eval-set (training conditions, new samples) geneval_rules before RL" in out and "after RL" in out
+    assert "held-out" not in out
     for name in ("samples_before.png", "samples_after.png", "reward_curve.png", "metrics.jsonl", "summary.json"):
         assert (tmp_path / name).exists(), name
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
