@@ -26,6 +26,7 @@ import torch
 from mmrl import group_filters
 from mmrl.config import TrainConfig
 from mmrl.objectives import mismatch_weights
+from mmrl.registry import build_enabled, registrar
 from mmrl.step import StepBatch
 
 Tensor = torch.Tensor
@@ -53,19 +54,12 @@ ComponentFactory = Callable[[TrainConfig], "StepComponent | None"]
 STEP_COMPONENTS: dict[str, ComponentFactory] = {}
 
 
-def register_component(name: str) -> Callable[[ComponentFactory], ComponentFactory]:
-    def decorator(factory: ComponentFactory) -> ComponentFactory:
-        if name in STEP_COMPONENTS:
-            raise ValueError(f"step component {name!r} is already registered")
-        STEP_COMPONENTS[name] = factory
-        return factory
-
-    return decorator
+register_component = registrar(STEP_COMPONENTS, "step component")
 
 
 def build_components(cfg: TrainConfig) -> dict[str, StepComponent]:
-    built = {name: factory(cfg) for name, factory in STEP_COMPONENTS.items()}
-    return {name: c for name, c in built.items() if c is not None}
+    """Every registered step component the config turns on, by name (registration order)."""
+    return build_enabled(STEP_COMPONENTS, cfg)
 
 
 def completion_lengths(batch: StepBatch) -> Tensor:

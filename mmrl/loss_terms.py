@@ -20,6 +20,7 @@ import torch
 
 from mmrl import algorithms
 from mmrl.config import TrainConfig
+from mmrl.registry import build_enabled, registrar
 from mmrl.step import StepBatch
 
 Tensor = torch.Tensor
@@ -51,20 +52,12 @@ TermFactory = Callable[[TrainConfig], "LossTerm | None"]
 LOSS_TERMS: dict[str, TermFactory] = {}
 
 
-def register_loss_term(name: str) -> Callable[[TermFactory], TermFactory]:
-    def decorator(factory: TermFactory) -> TermFactory:
-        if name in LOSS_TERMS:
-            raise ValueError(f"loss term {name!r} is already registered")
-        LOSS_TERMS[name] = factory
-        return factory
-
-    return decorator
+register_loss_term = registrar(LOSS_TERMS, "loss term")
 
 
 def build_loss_terms(cfg: TrainConfig) -> dict[str, LossTerm]:
-    """Every registered term the config turns on, by name (registration order)."""
-    terms = {name: factory(cfg) for name, factory in LOSS_TERMS.items()}
-    return {name: term for name, term in terms.items() if term is not None}
+    """Every registered loss term the config turns on, by name (registration order)."""
+    return build_enabled(LOSS_TERMS, cfg)
 
 
 # ---------------------------------------------------------------------------------------------- KL to reference
