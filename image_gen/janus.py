@@ -194,7 +194,9 @@ class JanusImagePolicy:
         keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
         return Rollout(
             completion_ids=tokens, completion_mask=torch.ones_like(tokens),
-            inputs=SampleInputs(tensors={"prompt_ids": cond, "uncond_ids": uncond, "prompt_mask": mask}),
+            inputs=SampleInputs(tensors={"prompt_ids": cond, "uncond_ids": uncond, "prompt_mask": mask},
+                                pad_values={"prompt_ids": self.tokens.pad, "uncond_ids": self.tokens.pad,
+                                            "prompt_mask": 0}),
             prompts=[records[i]["prompt"] for i in repeat.tolist()],
             columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
             truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmrl import group_filters
+from mmrl import algorithms, group_filters
 from mmrl.config import TrainConfig
-from mmrl.objectives import mismatch_weights
+from mmrl.objectives import mismatch_weights, top_entropy_mask
 from mmrl.registry import build_enabled, registrar
 from mmrl.step import StepBatch
 
@@ -101,6 +101,42 @@ def _overlong(cfg: TrainConfig) -> OverlongPenalty | None:
     return OverlongPenalty(cfg.sampling.max_new_tokens, f.overlong_cache_length, f.overlong_penalty_factor)
 
 
+# ---------------------------------------------------------------------------------------------- KL in reward
+
+
+@dataclass
+class KLInReward(StepComponent):
+    """β·KL(π_old ‖ π_ref) as a reward penalty (verl's ``use_kl_in_reward``): each token's reward is
+    −β·kl_t and outcome estimators see the sequence sum, so the reward becomes r − β·Σ_t kl_t (verl's
+    GRPO/RLOO sum the token-level rewards the same way). π_old is the policy that sampled the rollout.
+    Replaces the KL loss term (``algorithm.kl_in_reward``); a missing reward stays missing."""
+
+    beta: float
+    estimator: str
+    clamp: bool
+    needs: frozenset[str] = frozenset({"logps:old", "logps:ref"})
+    last: dict[str, float] = field(default_factory=dict)
+
+    def shape(self, batch: StepBatch) -> None:
+        old = batch.logps["old"]
+        mask = batch.rollout.completion_mask.to(old)
+        kl = algorithms.kl_estimate(old, batch.logps["ref"].to(old), self.estimator, clamp=self.clamp) * mask
+        penalty = self.beta * kl.sum(dim=1)
+        batch.rewards = batch.rewards - penalty.to(batch.rewards)
+        self.last = {"kl": float(kl.sum() / mask.sum().clamp(min=1)), "kl_reward_penalty": float(penalty.mean())}
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.last)
+
+
+@register_component("kl_in_reward")
+def _kl_in_reward(cfg: TrainConfig) -> KLInReward | None:
+    alg = cfg.algorithm
+    if not alg.kl_in_reward or alg.beta <= 0:
+        return None
+    return KLInReward(alg.beta, alg.kl_estimator, alg.kl_clamp)
+
+
 # ---------------------------------------------------------------------------------------------- truncation
 
 
@@ -154,6 +190,8 @@ class GFPO(StepComponent):
         kept_lengths = completion_lengths(batch)[keep].float()
         self.last = {"filters/gfpo_kept_frac": float(keep.float().mean()),
                      "filters/gfpo_kept_mean_length": float(kept_lengths.mean()) if keep.any() else 0.0}
+        if self.adaptive is not None:  # k per group and the difficulty thresholds in force
+            self.last.update(self.adaptive.metrics(torch.as_tensor(k), prefix="filters/gfpo_"))
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last)
@@ -215,3 +253,33 @@ def _mismatch(cfg: TrainConfig) -> MismatchCorrection | None:
     if m.mode is None:
         return None
     return MismatchCorrection(m.mode, m.cap, m.low, m.high)
+
+
+# ---------------------------------------------------------------------------------------------- top entropy
+
+
+@dataclass
+class TopEntropy(StepComponent):
+    """Train on the top ``fraction`` of tokens by entropy ("Beyond the 80/20 Rule", Wang et al., 2025):
+    the rest leave the loss. Entropies are the pre-update policy's, ranked over the whole rollout batch
+    (so micro-batching cannot change which tokens train); the paper and TRL rank inside each training
+    forward — with one update per rollout the values are the same, only the ranking scope differs."""
+
+    fraction: float
+    needs: frozenset[str] = frozenset({"entropy:old"})
+    last_fraction: float = 0.0
+
+    def weigh(self, batch: StepBatch) -> None:
+        before = batch.loss_mask > 0
+        keep = top_entropy_mask(batch.entropies["old"].to(batch.loss_mask), before.float(), self.fraction)
+        batch.mask_out(keep)
+        self.last_fraction = float(keep.sum() / before.sum().clamp(min=1))
+
+    def metrics(self) -> dict[str, float]:
+        return {"filters/top_entropy_kept_frac": self.last_fraction}
+
+
+@register_component("top_entropy")
+def _top_entropy(cfg: TrainConfig) -> TopEntropy | None:
+    q = cfg.filters.top_entropy_fraction
+    return None if q is None else TopEntropy(q)

@@ -11,8 +11,10 @@ whoever wires tasks together (the CLI), so ``mmrl`` never imports a task.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from mmrl.policy import Sampling
 # --------------------------------------------------------------------------------------------------
 # Trainer configuration (task-agnostic)
 # --------------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +61,9 @@ class AlgorithmConfig:
     beta: float = 0.0  # weight of KL to the frozen reference model; 0 = no reference model
     kl_estimator: str = "k3"
     kl_clamp: bool = False  # verl's clamps on k3 (log-ratio to ±20, estimate to [-10, 10])
+    kl_in_reward: bool = False  # β·KL as a per-token reward penalty (verl's use_kl_in_reward) instead of a loss term
+    ref_sync_steps: int = 0  # every N optimizer updates π_ref ← α·π + (1−α)·π_ref (TRL's sync_ref_model; 0 = frozen)
+    ref_sync_alpha: float = 0.6  # α of that mix (TRL's ref_model_mixup_alpha)
     entropy_coef: float = 0.0  # entropy bonus: − c·H of the full token distribution (verl's entropy_coeff)
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
 
@@ -84,6 +91,9 @@ class FiltersConfig:
     overlong_cache_length: int = 0  # DAPO soft overlong penalty over the last L tokens before the limit (0 = off)
     overlong_penalty_factor: float = 1.0  # the penalty at the limit
     mask_truncated: bool = False  # completions that hit the length limit leave the loss (TRL)
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, generate more until the batch is full
+    max_sample_batches: int = 10  # dynamic sampling: at most this many generation rounds per step
+    top_entropy_fraction: float | None = None  # train on the top q of tokens by entropy (80/20 paper: 0.2)
     gfpo_k: int | None = None  # GFPO: keep the k best of each group (None = off); 1 <= k <= group_size
     gfpo_metric: str = "length"  # length (shortest) | reward_per_token
     gfpo_adaptive: bool = False  # k per prompt from its difficulty (gfpo_k_per_bucket, hardest first)
@@ -403,16 +413,37 @@ def load_config(
     section_types: dict[str, type] | None = None,
 ) -> TrainConfig:
     """Load a :class:`TrainConfig` from YAML plus overrides; task sections typed by ``section_types``."""
-    raw = load_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides or [])
+    file_raw = load_yaml(path) if path is not None else {}
+    raw = apply_overrides(copy.deepcopy(file_raw), overrides or [])
     preset = raw.get("preset")
     if preset is not None:
         if not isinstance(preset, str) or preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), PRESETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown preset {preset!r}.{hint} Valid presets: {sorted(PRESETS)}")
-        raw = merge_dicts(PRESETS[preset], raw)
+        # The later, more specific choice wins: a preset in the file sits under the file's values; a preset
+        # chosen on the command line sits over the file and under the other command-line overrides (so
+        # `demo.yaml preset=gspo` gets GSPO's clip range, not the demo's PPO epsilon).
+        from_cli = file_raw.get("preset") != preset
+        base = apply_overrides(merge_dicts(file_raw, copy.deepcopy(PRESETS[preset])), overrides or []) if from_cli else None
+        merged = base if from_cli else merge_dicts(PRESETS[preset], raw)
+        for key, (preset_value, value) in _shadowed(PRESETS[preset], merged).items():
+            logger.warning("preset %s sets %s=%r; %s keeps %r", preset, key, preset_value,
+                           "the command line" if from_cli else "the config", value)
+        raw = merged
     return from_dict(TrainConfig, raw, section_types=section_types)
+
+
+def _shadowed(preset: dict, merged: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys where ``merged`` differs from the preset's value: (preset value, final value)."""
+    out = {}
+    for key, value in preset.items():
+        final = merged.get(key)
+        if isinstance(value, dict) and isinstance(final, dict):
+            out.update(_shadowed(value, final, f"{prefix}{key}."))
+        elif final != value:
+            out[prefix + key] = (value, final)
+    return out
 
 
 def merge_dicts(base: dict, top: dict) -> dict:

@@ -80,6 +80,25 @@ FOREIGN_KEYS: dict[str, tuple[str | None, str, str]] = {
     }, {"train_batch_size": _GLOBAL, "ppo_mini_batch_size": _PER_UPDATE, "kl_loss_type": _KL_NAMES,
         "loss_agg_mode": "token-mean is dapo/bnpo, seq-mean-token-mean is grpo"}),
     **_named("transformers", {"torch_dtype": "model.dtype"}, {}),
+    # The step-pipeline options under their usual names.
+    **_named("TRL", {
+        "sync_ref_model": "algorithm.ref_sync_steps", "ref_model_sync_steps": "algorithm.ref_sync_steps",
+        "ref_model_mixup_alpha": "algorithm.ref_sync_alpha", "top_entropy_quantile": "filters.top_entropy_fraction",
+        "mask_truncated_completions": "filters.mask_truncated", "vllm_importance_sampling_mode": "mismatch.mode",
+        "vllm_importance_sampling_cap": "mismatch.cap",
+    }, {"sync_ref_model": "on when ref_sync_steps > 0",
+        "top_entropy_quantile": "the fraction of tokens kept, as TRL's (1.0 keeps all)"}),
+    **_named("verl", {
+        "filter_groups": "filters.dynamic_sampling", "filter_groups.enable": "filters.dynamic_sampling",
+        "max_num_gen_batches": "filters.max_sample_batches", "use_kl_in_reward": "algorithm.kl_in_reward",
+        "entropy_coeff": "algorithm.entropy_coef", "clip_ratio_c": "algorithm.dual_clip",
+        "overlong_buffer": "filters.overlong_cache_length", "overlong_buffer.len": "filters.overlong_cache_length",
+        "overlong_buffer.penalty_factor": "filters.overlong_penalty_factor",
+    }, {"max_num_gen_batches": "verl's 0 means unbounded; here it is at least 1",
+        "filter_groups": "drops groups whose rewards are all equal"}),
+    **_named("EasyR1", {"max_try_make_batch": "filters.max_sample_batches",
+                        "online_filtering": "filters.dynamic_sampling"},
+             {"online_filtering": "drops groups whose rewards are all equal (EasyR1 filters by mean)"}),
 }
 
 

@@ -264,6 +264,14 @@ def _check_algorithm(cfg: TrainConfig, p: Problems) -> None:
     p.number("algorithm.beta", a.beta, ge=0, why="KL weight; 0 = no reference model")
     p.choice("algorithm.kl_estimator", a.kl_estimator, algorithms.KL_ESTIMATORS)
     p.number("algorithm.ppo_epochs", a.ppo_epochs, ge=1, integer=True)
+    if a.kl_in_reward and isinstance(a.beta, (int, float)) and a.beta <= 0:
+        p.add("algorithm.kl_in_reward", True, "needs algorithm.beta > 0 (the penalty's weight)")
+    p.number("algorithm.ref_sync_steps", a.ref_sync_steps, ge=0, integer=True,
+             why="optimizer updates between reference refreshes; 0 = a frozen reference")
+    p.number("algorithm.ref_sync_alpha", a.ref_sync_alpha, gt=0, le=1)
+    if isinstance(a.ref_sync_steps, int) and a.ref_sync_steps > 0 and isinstance(a.beta, (int, float)) \
+            and a.beta <= 0:
+        p.add("algorithm.ref_sync_steps", a.ref_sync_steps, "refreshes the KL reference: needs algorithm.beta > 0")
 
 
 def _check_filters(cfg: TrainConfig, p: Problems) -> None:
@@ -286,6 +294,10 @@ def _check_filters(cfg: TrainConfig, p: Problems) -> None:
         if (any(not 0 < q < 1 for q in f.gfpo_quantiles)
                 or list(f.gfpo_quantiles) != sorted(set(f.gfpo_quantiles))):
             p.add("filters.gfpo_quantiles", f.gfpo_quantiles, "must be strictly increasing, each in (0, 1)")
+    p.number("filters.max_sample_batches", f.max_sample_batches, ge=1, integer=True,
+             why="generation rounds per step for dynamic sampling")
+    p.number("filters.top_entropy_fraction", f.top_entropy_fraction, gt=0, le=1, optional=True,
+             why="fraction of tokens (highest entropy first) that train; null = all")
     if m.mode is not None:
         from mmrl.objectives import MISMATCH_MODES
 

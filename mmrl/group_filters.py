@@ -386,7 +386,8 @@ class AdaptiveK:
         """``k_mean`` of a batch's assignment and the current thresholds, for the logger."""
         out = {prefix + "k_mean": float(k.float().mean()) if k.numel() else 0.0}
         out.update(
-            {f"{prefix}difficulty_q{int(q * 100)}": t for q, t in zip(self.quantiles, self.last_thresholds)}
+            {f"{prefix}difficulty_q{int(q * 100)}": t  # fixed keys: NaN before anything was seen
+             for q, t in zip(self.quantiles, self.last_thresholds or (math.nan,) * len(self.quantiles))}
         )
         return out
 

@@ -13,6 +13,7 @@ trainer's, and is the same for every task.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,13 +38,37 @@ class SampleInputs:
 
     tensors: dict[str, Tensor] = field(default_factory=dict)
     lists: dict[str, list] = field(default_factory=dict)
+    # Left-padding value of each tensor whose dim 1 is a padded length (e.g. prompt ids, attention
+    # mask): lets :meth:`concat` join batches padded to different lengths, as one batch would have been.
+    pad_values: dict[str, float] = field(default_factory=dict)
 
     def select(self, index: Tensor) -> SampleInputs:
         idx = index.tolist()
         return SampleInputs(
             tensors={k: v[index.to(v.device)] for k, v in self.tensors.items()},
             lists={k: [v[i] for i in idx] for k, v in self.lists.items()},
+            pad_values=dict(self.pad_values),
         )
+
+    @staticmethod
+    def concat(parts: Sequence[SampleInputs]) -> SampleInputs:
+        """The samples of every part, in order. A tensor listed in ``pad_values`` is left-padded to the
+        longest part; any other tensor must have the same shape past the batch dimension in every part."""
+        first = parts[0]
+        tensors = {}
+        for key in first.tensors:
+            values = [part.tensors[key] for part in parts]
+            if key in first.pad_values:
+                length = max(v.shape[1] for v in values)
+                values = [torch.nn.functional.pad(v, (*([0, 0] * (v.dim() - 2)), length - v.shape[1], 0),
+                                                  value=first.pad_values[key]) for v in values]
+            shapes = {tuple(v.shape[1:]) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot concatenate inputs {key!r} of shapes {sorted(shapes)}: a policy "
+                                 "must declare padded tensors in SampleInputs.pad_values")
+            tensors[key] = torch.cat(values)
+        lists = {key: [item for part in parts for item in part.lists[key]] for key in first.lists}
+        return SampleInputs(tensors=tensors, lists=lists, pad_values=dict(first.pad_values))
 
 
 @dataclass
@@ -85,6 +110,34 @@ class Rollout:
             columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
             truncated=self.truncated[index],
             sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """One rollout of every part's samples, in order (e.g. the chunks DAPO's dynamic sampling kept).
+        Completions are right-padded to the longest part (pad id 0, outside the mask); prompt inputs as
+        :meth:`SampleInputs.concat`. Columns missing from a part are ``None`` for its samples."""
+        if len({(p.group_size, p.temperature) for p in parts}) > 1:
+            raise ValueError("cannot concatenate rollouts sampled with different group sizes or temperatures")
+        if len({p.sampler_logp is None for p in parts}) > 1:
+            raise ValueError("cannot concatenate rollouts with and without sampler log-probs")
+        length = max(p.completion_ids.shape[1] for p in parts)
+
+        def right_pad(t: Tensor) -> Tensor:
+            return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+        keys = dict.fromkeys(k for p in parts for k in p.columns)
+        return Rollout(
+            completion_ids=torch.cat([right_pad(p.completion_ids) for p in parts]),
+            completion_mask=torch.cat([right_pad(p.completion_mask) for p in parts]),
+            inputs=SampleInputs.concat([p.inputs for p in parts]),
+            prompts=[x for p in parts for x in p.prompts],
+            columns={k: [x for p in parts for x in p.columns.get(k, [None] * p.batch_size)] for k in keys},
+            group_size=parts[0].group_size,
+            truncated=torch.cat([p.truncated for p in parts]),
+            sampler_logp=None if parts[0].sampler_logp is None
+            else torch.cat([right_pad(p.sampler_logp) for p in parts]),
+            temperature=parts[0].temperature,
         )
 
 

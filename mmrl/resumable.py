@@ -29,6 +29,8 @@ class Resumable:
         are identical on every process (decided from reduced metrics) and saved once."""
         shared = {"update_guard": self.update_guard, "collapse_monitor": self.collapse_monitor}
         per_process = {"sampler": self.sampler, "reward_faults": self.reward_faults}
+        if hasattr(self.collector, "state_dict"):  # dynamic sampling's counters
+            per_process["collector"] = self.collector
         for name, component in self.components.items():  # filters and shapers with a memory (e.g. SRPO history)
             if hasattr(component, "state_dict"):
                 per_process[f"component:{name}"] = component
@@ -50,7 +52,9 @@ class Resumable:
                      "num_processes": acc.num_processes, "run_info": self.run_info,
                      **{name: c.state_dict() for name, c in shared.items()}}
             checkpoint.save_main_state(staging, self.optimizer, self.scheduler, state,
-                                       reference=self.ref_model, previous=previous)
+                                       reference=self.ref_model,
+                                       # a refreshed reference changes: write it, do not link the last copy
+                                       previous=None if cfg.algorithm.ref_sync_steps else previous)
         acc.wait_for_everyone()  # the staging directory exists before the other processes write into it
         checkpoint.save_rank_state(staging, acc.process_index, self._generators(),
                                    {name: c.state_dict() for name, c in per_process.items()})

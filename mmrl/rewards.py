@@ -263,6 +263,16 @@ class RewardOutput:
     failures: dict[str, int] = field(default_factory=dict)
     faults: list[RewardFault] = field(default_factory=list)
 
+    @staticmethod
+    def concat(parts: Sequence[RewardOutput]) -> RewardOutput:
+        """Several batches' rewards as one (e.g. every chunk dynamic sampling generated in a step)."""
+        failures: dict[str, int] = {}
+        for part in parts:
+            for name, count in part.failures.items():
+                failures[name] = failures.get(name, 0) + count
+        return RewardOutput(torch.cat([p.per_function for p in parts]), torch.cat([p.total for p in parts]),
+                            list(parts[0].names), failures, [f for p in parts for f in p.faults])
+
 
 class RewardTimeout(TimeoutError):
     """A reward call did not return in time, or was skipped because its previous call is still running."""

@@ -34,6 +34,7 @@ class StepBatch:
     token_weights: dict[str, Tensor] = field(default_factory=dict)  # [B, T] each, multiplied into the loss
     logps: dict[str, Tensor] = field(default_factory=dict)  # [B, T] each: "old", "ref", "sampler", ...
     views: dict[str, tuple[Rollout, Tensor]] = field(default_factory=dict)  # name -> (rollout, has_view [B])
+    entropies: dict[str, Tensor] = field(default_factory=dict)  # [B, T] each, e.g. "old" (pre-update policy)
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -79,6 +80,7 @@ class StepBatch:
             loss_mask=pick(self.loss_mask),
             token_weights={k: pick(v) for k, v in self.token_weights.items()},
             logps={k: pick(v) for k, v in self.logps.items()},
+            entropies={k: pick(v) for k, v in self.entropies.items()},
             views={k: (view.select(index), has[index]) for k, (view, has) in self.views.items()},
         )
 

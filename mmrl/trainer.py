@@ -38,6 +38,7 @@ from transformers import get_scheduler
 from mmrl import algorithms, checkpoint
 from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from mmrl.checkpoint import isolated_rng
+from mmrl.collect import Chunk, Collected, build_collector, keep_groups
 from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import PromptSampler
@@ -112,6 +113,7 @@ class Trainer(Resumable):
         self.advantage_fn = ADVANTAGE_ESTIMATORS[alg.advantage_estimator]
         self.advantage_params = AdvantageParams(scale=cfg.algorithm.adv_scale)
         self.loss_terms = build_loss_terms(cfg)
+        self.collector = build_collector(cfg)  # one generation round, or DAPO's dynamic sampling
         self.components = build_components(cfg)  # reward shaping, group filters, per-token weights
         self.needs = frozenset().union(*(c.needs for c in [*self.loss_terms.values(), *self.components.values()]))
         if "logps:sampler" in self.needs:
@@ -232,17 +234,18 @@ class Trainer(Resumable):
         """One rollout step, one line per phase."""
         cfg = self.config
         start = time.perf_counter()
-        batch, completions, rewards, gen_time = self._collect()       # generate → decode → rewards
-        self._phase("shape", batch)                                   # reward shaping (overlong penalty, ...)
+        collected, gen_time = self._collect()                         # generate → rewards → dynamic sampling
+        batch = collected.batch
+        self._prepare(batch)                                          # old/ref/sampler log-probs, views
+        self._phase("shape", batch)                                   # reward shaping (overlong, KL in reward)
         self._phase("select", batch)                                  # group filters (GFPO, truncation, ...)
         batch.advantages = self._advantages(batch)                    # group-relative advantages
-        self._prepare(batch)                                          # old/ref/sampler log-probs, views
-        self._phase("weigh", batch)                                   # per-token weights (TIS / MIS, ...)
-        rollout_metrics = self._rollout_metrics(batch.rollout, rewards, completions)
+        self._phase("weigh", batch)                                   # per-token weights (TIS / MIS, top-entropy)
+        rollout_metrics = self._rollout_metrics(collected)
         rollout_metrics["timing/generate_s"] = gen_time
         shaped = batch.rewards[~torch.isnan(batch.rewards)]  # after shaping and filters ("reward" is before)
         component_metrics = {"reward_shaped": float(shaped.mean()) if shaped.numel() else float("nan")}
-        for component in self.components.values():
+        for component in [self.collector, *self.components.values()]:
             component_metrics.update(component.metrics())
         rollout_metrics.update(self._mean_across_processes(component_metrics))
         if "masked" in batch.views:
@@ -253,25 +256,43 @@ class Trainer(Resumable):
             for index in batch.minibatches(self.mini_batch_size, self.generator):
                 update_metrics = self._update(batch.select(index))
                 self._after_update(rollout_metrics, update_metrics, start)
+        if not update_metrics:  # nothing to train on (dynamic sampling found no informative group)
+            update_metrics = {"update_skipped": 1.0, "skipped_updates": float(self.update_guard.skipped_total)}
+            self._after_update(rollout_metrics, update_metrics, start)
         self.rollout_step += 1
         return {**rollout_metrics, **update_metrics}
 
-    def _collect(self) -> tuple[StepBatch, list, Any, float]:
+    def _collect(self) -> tuple[Collected, float]:
+        """Generation rounds until the batch is full (:mod:`mmrl.collect`); under several processes every
+        process keeps the same number of groups (the smallest), so all run the same updates."""
+        gen_time = 0.0
+
+        def generate() -> Chunk:
+            nonlocal gen_time
+            start = time.perf_counter()
+            chunk = self._generate_chunk()
+            gen_time += time.perf_counter() - start
+            return chunk
+
+        collected = self.collector.collect(generate, self.config.prompts_per_step, self._any_process)
+        if self.accelerator.num_processes > 1:
+            groups = torch.tensor([float(collected.batch.num_groups)], device=self.accelerator.device)
+            groups = self.accelerator.gather(groups).min()
+            collected = keep_groups(collected, int(groups.item()))
+        return collected, gen_time
+
+    def _generate_chunk(self) -> Chunk:
         """Sample a group per prompt (no gradient, eval mode for deterministic layers), decode, reward."""
         cfg, acc = self.config, self.accelerator
-        start = time.perf_counter()
         records = self.sampler.next_batch()
         self.model.eval()
         with torch.no_grad():
             rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
-        gen_time = time.perf_counter() - start
         completions = self.policy.decode(rollout)
         rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
                                   rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names,
                                   faults=self.reward_faults)
-        batch = StepBatch.from_rollout(rollout)
-        batch.rewards = rewards.total
-        return batch, completions, rewards, gen_time
+        return Chunk(rollout, completions, rewards)
 
     def _phase(self, phase: str, batch: StepBatch) -> None:
         for component in self.components.values():
@@ -284,44 +305,66 @@ class Trainer(Resumable):
         """What the update and the loss terms need, computed once per rollout without gradient."""
         # With one update per rollout the policy has not moved yet when it is scored, so old_logp =
         # logp.detach() and this pass is skipped (as in TRL).
-        if self.updates_per_step > 1 or "logps:old" in self.needs:
-            batch.logps["old"] = self._score(self.model, batch.rollout)
+        if self.updates_per_step > 1 or "logps:old" in self.needs or "entropy:old" in self.needs:
+            logp, entropy = self._score(self.model, batch.rollout, with_entropy="entropy:old" in self.needs)
+            if self.updates_per_step > 1 or "logps:old" in self.needs:
+                batch.logps["old"] = logp
+            if entropy is not None:  # e.g. top-entropy token selection, over the whole rollout
+                batch.entropies["old"] = entropy
         if "logps:sampler" in self.needs:
             if batch.rollout.sampler_logp is None:
                 raise ValueError(f"{type(self.policy).__name__}.generate did not fill Rollout.sampler_logp")
             batch.logps["sampler"] = batch.rollout.sampler_logp
         if "logps:ref" in self.needs:
-            batch.logps["ref"] = self._score(self.ref_model, batch.rollout)
+            batch.logps["ref"] = self._score(self.ref_model, batch.rollout)[0]
         if "views:masked" in self.needs:  # PAPO: one mask per prompt, shared by its group
             batch.views["masked"] = self.policy.masked_view(batch.rollout, self.mask_generator)
 
     def _after_update(self, rollout_metrics: dict[str, float], update_metrics: dict[str, float], start: float) -> None:
-        if self.collapse_monitor is not None:
+        if self.collapse_monitor is not None and "papo/perception_kl" in update_metrics:
             self.collapse_monitor.update(update_metrics["papo/perception_kl"], update_metrics["papo/entropy_orig"],
                                          update_metrics["papo/entropy_masked"], self.global_step)
         self.global_step += 1
+        self._sync_reference()
         step_time = time.perf_counter() - start
         self._log({**rollout_metrics, **update_metrics, "step_time": step_time,
                    "tokens_per_second": rollout_metrics["completions/total_tokens"] / step_time,
                    "learning_rate": self.scheduler.get_last_lr()[0],
                    "epoch": self.sampler.epoch, "rollout_step": self.rollout_step + 1})
 
+    @torch.no_grad()
+    def _sync_reference(self) -> None:
+        """TRL's ``sync_ref_model``: every ``ref_sync_steps`` optimizer updates, π_ref ← α·π + (1−α)·π_ref."""
+        steps, alpha = self.config.algorithm.ref_sync_steps, self.config.algorithm.ref_sync_alpha
+        if self.ref_model is None or not steps or self.global_step % steps:
+            return
+        # Parameters, not the state dict: tied weights appear once there (else they would be mixed twice).
+        policy = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        for name, ref in self.ref_model.named_parameters():
+            ref.mul_(1 - alpha).add_(policy[name].detach().to(ref), alpha=alpha)
+
     def _stop_requested(self, stop: StopRequest) -> bool:
         """True on every process if any process got a stop signal (all must save and stop together)."""
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        return self._any_process(stop.requested)
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` or-ed over every process (a collective: every process must call it)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            value = self.accelerator.reduce(value, reduction="sum")
+        return bool(value.item() > 0)
 
     # ------------------------------------------------------------------ pieces of a step
 
     @torch.no_grad()
-    def _score(self, model: torch.nn.Module, rollout: Rollout) -> Tensor:
-        """Per-token log-probs of the whole rollout under ``model``, micro-batch by micro-batch."""
+    def _score(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs (and entropies) of the whole rollout under ``model``, micro-batch by micro-batch."""
         model.eval()
-        parts = [self.policy.log_probs(model, rollout.select(i))[0]
+        parts = [self.policy.log_probs(model, rollout.select(i), with_entropy=with_entropy)
                  for i in torch.arange(rollout.batch_size).split(self.config.micro_batch_size)]
-        return torch.cat(parts).detach()
+        logp = torch.cat([p[0] for p in parts]).detach() if parts else torch.zeros(rollout.completion_ids.shape)
+        entropy = torch.cat([p[1] for p in parts]).detach() if with_entropy and parts else None
+        return logp, entropy
 
     def _global_counts(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(tokens, sequences) of a mini-batch's mask summed over every process: the loss normaliser."""
@@ -402,7 +445,10 @@ class Trainer(Resumable):
         out["skipped_updates"] = float(self.update_guard.skipped_total)
         return out
 
-    def _rollout_metrics(self, rollout: Rollout, rewards, completions: list) -> dict[str, float]:
+    def _rollout_metrics(self, collected: Collected) -> dict[str, float]:
+        """Reward and length statistics of every sample generated this step (what the policy does; with
+        dynamic sampling that includes the dropped groups — ``reward_shaped`` is over the trained batch)."""
+        rollout, rewards, completions = collected.generated, collected.generated_rewards, collected.generated_completions
         lengths = rollout.completion_mask.sum(dim=1).float()
         total = rewards.total
         valid = ~torch.isnan(total)

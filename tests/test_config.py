@@ -243,3 +243,17 @@ def test_unquoted_yaml_no_gets_a_hint(tmp_path):
     with pytest.raises(ConfigError, match="quote it"):
         load_config(write(tmp_path, "mixed_precision: no\n"))
     assert load_config(write(tmp_path, "mixed_precision: 'no'\n")).mixed_precision == "no"
+
+
+def test_a_preset_on_the_command_line_sits_over_the_file(tmp_path, caplog):
+    """``demo.yaml preset=gspo`` trains with GSPO's clip range even though the file sets a PPO epsilon; a
+    preset written in the file sits under the file's values; either way a shadowed preset value is warned."""
+    path = write(tmp_path, "algorithm: {epsilon: 0.2, beta: 0.0}\n")
+    cfg = load_config(path, ["preset=gspo"])
+    assert (cfg.algorithm.objective, cfg.algorithm.epsilon, cfg.algorithm.epsilon_high) == ("gspo", 3e-4, 4e-4)
+    with caplog.at_level("WARNING", logger="mmrl.config"):
+        cfg = load_config(path, ["preset=gspo", "algorithm.epsilon=1e-3"])
+    assert cfg.algorithm.epsilon == 1e-3 and "preset gspo sets algorithm.epsilon=0.0003" in caplog.text
+    in_file = write(tmp_path, "preset: gspo\nalgorithm: {epsilon: 0.2}\n")
+    cfg = load_config(in_file)
+    assert (cfg.algorithm.epsilon, cfg.algorithm.epsilon_high) == (0.2, 4e-4)

@@ -57,6 +57,16 @@ CASES = {
     "gspo_preset_overlong": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "preset=gspo", "algorithm.ppo_epochs=2", "mini_batch_size=4", "filters.overlong_cache_length=4",
         "filters.mask_truncated=true"]),
+    # DAPO dynamic sampling: several generation rounds per step, counters per process
+    "dapo_dynamic_sampling": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "filters.dynamic_sampling=true", "filters.max_sample_batches=3"]),
+    # two processes: the same number of rounds on both, trimmed to the smaller number of groups
+    "dynamic_sampling_two_processes": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "filters.dynamic_sampling=true", "filters.max_sample_batches=2"], processes=2),
+    # a reference that changes (refreshed every 2 updates), KL in the reward, top-entropy tokens
+    "ref_sync_kl_in_reward": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "algorithm.beta=0.05", "algorithm.kl_in_reward=true", "algorithm.ref_sync_steps=2",
+        "filters.top_entropy_fraction=0.5"]),
 }
 
 

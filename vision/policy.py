@@ -124,7 +124,11 @@ class VisionPolicy:
                 lists["pixel_values"].append(per_image_pixels[start:start + count])
                 lists["image_grid_thw"].append(per_image_grids[start:start + count])
                 start += count
-        return SampleInputs(tensors=tensors, lists=lists)
+        # Prompts are left-padded: every tensor along the prompt's length pads with 0, the ids with the pad id.
+        length = tensors["input_ids"].shape[1]
+        pad_values = {k: (self.pad_token_id if k == "input_ids" else 0) for k, v in tensors.items()
+                      if v.dim() >= 2 and v.shape[1] == length}
+        return SampleInputs(tensors=tensors, lists=lists, pad_values=pad_values)
 
     def _pixel_chunks(self, images_per_record: list[list[Image.Image]]) -> tuple[list, list]:
         """Image-processor output for several records' images in one call, split per record."""
@@ -249,7 +253,7 @@ class VisionPolicy:
         lists = dict(rollout.inputs.lists)
         if "pixel_values" in lists:
             lists["pixel_values"] = [pixel_chunks[p] for p in repeat]
-        inputs = SampleInputs(tensors=rollout.inputs.tensors, lists=lists)
+        inputs = SampleInputs(tensors=rollout.inputs.tensors, lists=lists, pad_values=rollout.inputs.pad_values)
         has_view = torch.tensor([len(images) > 0 for images in raw], dtype=torch.bool)
         return replace(rollout, inputs=inputs), has_view
 

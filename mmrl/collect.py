@@ -1,0 +1,133 @@
+"""The collect phase of a rollout step: generate → decode → rewards, repeated until the batch is full.
+
+A *collector* decides how many chunks of prompts to generate and which groups of each to keep:
+
+* :class:`CollectOnce` (default): one chunk of ``prompts_per_step`` prompts, every group kept;
+* :class:`DynamicSampling` (DAPO, Yu et al., 2025, ``filters.dynamic_sampling``): groups whose rewards are
+  all equal teach nothing (every advantage is 0) and are dropped; further chunks are generated until
+  ``prompts_per_step`` informative groups are collected or ``filters.max_sample_batches`` chunks were
+  generated — then the step trains on what it has, with a warning (verl and EasyR1 raise instead).
+
+Both return a :class:`Collected`: the kept samples as one :class:`~mmrl.step.StepBatch`, and everything
+that was generated (for the logged reward and length metrics, which describe the policy, not the filter).
+Under several processes every process runs the same number of generation rounds (an all-reduce decides
+whether anyone still needs more), and the trainer then trims every process to the smallest number of
+groups, so that all of them run the same number of (collective) updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmrl import group_filters
+from mmrl.config import TrainConfig
+from mmrl.policy import Rollout
+from mmrl.rewards import RewardOutput
+from mmrl.step import StepBatch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Chunk:
+    """One generation round: a rollout, its decoded completions and their rewards."""
+
+    rollout: Rollout
+    completions: list
+    rewards: RewardOutput
+
+
+@dataclass
+class Collected:
+    batch: StepBatch  # the kept samples (rewards set; group ids 0 .. n-1)
+    completions: list  # decoded completions of the kept samples
+    generated: Rollout  # every sample generated this step
+    generated_rewards: RewardOutput
+    generated_completions: list
+
+
+def join(rollouts: list[Rollout]) -> Rollout:
+    return rollouts[0] if len(rollouts) == 1 else Rollout.concat(rollouts)
+
+
+def assemble(chunks: list[Chunk], parts: list[tuple[int, Tensor]], rewards: Tensor, group_id: Tensor) -> Collected:
+    """The :class:`Collected` of ``chunks`` keeping, per ``(chunk index, sample index)`` part, those samples."""
+    if parts:
+        kept = [chunks[c].rollout.select(index) for c, index in parts]
+        completions = [chunks[c].completions[i] for c, index in parts for i in index.tolist()]
+    else:  # nothing informative at all: an empty batch (no update this step)
+        kept, completions = [chunks[0].rollout.select(torch.zeros(0, dtype=torch.long))], []
+    batch = StepBatch(rollout=join(kept), group_id=group_id.long())
+    batch.rewards = rewards
+    return Collected(batch, completions, join([c.rollout for c in chunks]),
+                     chunks[0].rewards if len(chunks) == 1 else RewardOutput.concat([c.rewards for c in chunks]),
+                     [x for c in chunks for x in c.completions])
+
+
+class CollectOnce:
+    """One chunk, every group kept."""
+
+    def collect(self, generate: Callable[[], Chunk], target_groups: int,
+                keep_going: Callable[[bool], bool]) -> Collected:
+        chunk = generate()
+        group_id = torch.arange(chunk.rollout.batch_size) // chunk.rollout.group_size
+        return assemble([chunk], [(0, torch.arange(chunk.rollout.batch_size))], chunk.rewards.total, group_id)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class DynamicSampling:
+    """DAPO's dynamic sampling over :func:`mmrl.group_filters.fill_batch`; its counters are per-process
+    state (checkpointed) and logged as ``dynamic_sampling/*`` (cumulative)."""
+
+    def __init__(self, max_sample_batches: int):
+        self.max_sample_batches = max_sample_batches
+        self.stats = group_filters.DynamicSamplingStats()
+        self.last_rounds = 0
+
+    def collect(self, generate: Callable[[], Chunk], target_groups: int,
+                keep_going: Callable[[bool], bool]) -> Collected:
+        chunks: list[Chunk] = []
+
+        def generate_fn() -> tuple[Tensor, Tensor, Any]:
+            chunk = generate()
+            chunks.append(chunk)
+            group_id = torch.arange(chunk.rollout.batch_size) // chunk.rollout.group_size
+            return chunk.rewards.total, group_id, len(chunks) - 1
+
+        before = self.stats.batches_generated
+        filled = group_filters.fill_batch(generate_fn, target_groups, self.max_sample_batches, self.stats,
+                                          keep_going)
+        self.last_rounds = self.stats.batches_generated - before
+        return assemble(chunks, filled.parts, filled.rewards, filled.group_id)
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.stats.metrics(), "dynamic_sampling/rounds": float(self.last_rounds)}
+
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state)
+
+
+def build_collector(cfg: TrainConfig) -> CollectOnce | DynamicSampling:
+    if cfg.filters.dynamic_sampling:
+        return DynamicSampling(cfg.filters.max_sample_batches)
+    return CollectOnce()
+
+
+def keep_groups(collected: Collected, num_groups: int) -> Collected:
+    """``collected`` with only its first ``num_groups`` groups kept (the trim to the smallest process)."""
+    batch = collected.batch
+    if num_groups >= batch.num_groups:
+        return collected
+    index = torch.nonzero(batch.group_id < num_groups).flatten()
+    collected.batch = batch.select(index)
+    collected.completions = [collected.completions[i] for i in index.tolist()]
+    return collected
