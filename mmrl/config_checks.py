@@ -286,6 +286,12 @@ def _check_filters(cfg: TrainConfig, p: Problems) -> None:
         if (any(not 0 < q < 1 for q in f.gfpo_quantiles)
                 or list(f.gfpo_quantiles) != sorted(set(f.gfpo_quantiles))):
             p.add("filters.gfpo_quantiles", f.gfpo_quantiles, "must be strictly increasing, each in (0, 1)")
+    p.number("filters.history_threshold", f.history_threshold,
+             why="a rollout is correct when filters.history_reward >= this")
+    if f.history_resampling:
+        names = [r.name for r in cfg.rewards] if isinstance(cfg.rewards, list) else []
+        p.choice("filters.history_reward", f.history_reward, names,
+                 why="the reward whose value judges a rollout correct, one of the configured rewards")
     if m.mode is not None:
         from mmrl.objectives import MISMATCH_MODES
 

@@ -40,7 +40,7 @@ from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from mmrl.checkpoint import isolated_rng
 from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
-from mmrl.data import PromptSampler
+from mmrl.data import make_sampler
 from mmrl.evaluation import evaluate_policy
 from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
@@ -148,7 +148,7 @@ class Trainer(Resumable):
 
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
-        self.sampler = PromptSampler(train_dataset, cfg.prompts_per_step, seed=cfg.seed + self.accelerator.process_index)
+        self.sampler = make_sampler(train_dataset, cfg, self.accelerator.process_index)  # SRPO: history, stages
         self.output_dir = Path(cfg.output_dir)
         self.rollout_step = 0
         self.global_step = 0  # optimizer update slots (a skipped non-finite update still takes its slot)
@@ -260,7 +260,7 @@ class Trainer(Resumable):
         """Sample a group per prompt (no gradient, eval mode for deterministic layers), decode, reward."""
         cfg, acc = self.config, self.accelerator
         start = time.perf_counter()
-        records = self.sampler.next_batch()
+        records = self.sampler.next_batch(self.rollout_step)  # SRPO: the step picks the stage
         self.model.eval()
         with torch.no_grad():
             rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
@@ -271,6 +271,7 @@ class Trainer(Resumable):
                                   faults=self.reward_faults)
         batch = StepBatch.from_rollout(rollout)
         batch.rewards = rewards.total
+        self.sampler.record(rewards, batch.group_id)  # SRPO: history resampling's outcomes
         return batch, completions, rewards, gen_time
 
     def _phase(self, phase: str, batch: StepBatch) -> None:
@@ -429,6 +430,7 @@ class Trainer(Resumable):
             m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
             m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
         m.update(self.reward_faults.metrics())
+        m.update(self.sampler.metrics())  # SRPO
         if self.config.logging.log_completions and self.accelerator.is_main_process:
             for i in range(min(self.config.logging.log_completions, len(completions))):
                 logger.info("step %d sample %d reward=%s: %r", self.rollout_step, i,
