@@ -57,6 +57,14 @@ CASES = {
     "gspo_preset_overlong": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "preset=gspo", "algorithm.ppo_epochs=2", "mini_batch_size=4", "filters.overlong_cache_length=4",
         "filters.mask_truncated=true"]),
+    # SRPO history resampling: 4 prompts, 2 per step, so an epoch (and its drop set) turns over every 2 steps
+    "srpo_history": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "filters.history_resampling=true", "data.max_train_samples=4"]),
+    # data.stages: a stage switch at step 3 (after the resume), then a seeded mixture, with SRPO per source
+    "srpo_stages": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "data.max_train_samples=4", "filters.history_resampling=true",
+        'data.stages=[{steps: 3, train: "synthetic:single_shape"}, '
+        '{mix: {"synthetic:single_shape": 0.5, "synthetic:colour_at_position": 0.5}}]']),
 }
 
 

@@ -181,7 +181,7 @@ def validate(cfg: TrainConfig) -> list[str]:
                 if name not in STAGE_KEYS:
                     p.add(f"{key}.{name}", stage[name], f"unknown stage key; valid keys: {list(STAGE_KEYS)}")
             p.number(f"{key}.steps", stage.get("steps"), ge=1, integer=True, optional=last,
-                     why="rollout steps of the stage; only the last stage may omit it (it runs until the end)")
+                     why="rollout steps of the stage; only the last stage may omit it, to run until the end")
             if ("train" in stage) == ("mix" in stage):
                 p.add(key, stage, "needs exactly one of train (a source) or mix ({source: weight, ...})")
             elif "train" in stage:
