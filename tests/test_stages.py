@@ -213,6 +213,7 @@ def test_a_stage_that_is_not_a_mapping_is_a_config_error():
         vision_config(["data.stages=[2]"])
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_train_through_the_cli_with_two_stages(tmp_path, capsys):
     from mmrl.cli import main
 
