@@ -99,6 +99,10 @@ class FiltersConfig:
     gfpo_adaptive: bool = False  # k per prompt from its difficulty (gfpo_k_per_bucket, hardest first)
     gfpo_k_per_bucket: list[int] = field(default_factory=lambda: [8, 8, 6, 4])  # paper: of G = 16
     gfpo_quantiles: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # SRPO history resampling: prompts whose every rollout was correct in an epoch skip the next epoch
+    history_resampling: bool = False
+    history_reward: str = "accuracy"  # the reward (a name in rewards) that judges "correct"
+    history_threshold: float = 1.0  # a rollout is correct when that reward >= threshold
 
 
 @dataclass

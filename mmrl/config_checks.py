@@ -298,6 +298,12 @@ def _check_filters(cfg: TrainConfig, p: Problems) -> None:
              why="generation rounds per step for dynamic sampling")
     p.number("filters.top_entropy_fraction", f.top_entropy_fraction, gt=0, le=1, optional=True,
              why="fraction of tokens (highest entropy first) that train; null = all")
+    p.number("filters.history_threshold", f.history_threshold,
+             why="a rollout is correct when filters.history_reward >= this")
+    if f.history_resampling:
+        names = [r.name for r in cfg.rewards] if isinstance(cfg.rewards, list) else []
+        p.choice("filters.history_reward", f.history_reward, names,
+                 why="the reward whose value judges a rollout correct, one of the configured rewards")
     if m.mode is not None:
         from mmrl.objectives import MISMATCH_MODES
 

@@ -41,7 +41,7 @@ from mmrl.checkpoint import isolated_rng
 from mmrl.collect import Chunk, Collected, build_collector, keep_groups
 from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
-from mmrl.data import PromptSampler
+from mmrl.data import make_sampler
 from mmrl.evaluation import evaluate_policy
 from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
@@ -150,7 +150,7 @@ class Trainer(Resumable):
 
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
-        self.sampler = PromptSampler(train_dataset, cfg.prompts_per_step, seed=cfg.seed + self.accelerator.process_index)
+        self.sampler = make_sampler(train_dataset, cfg, self.accelerator.process_index)  # SRPO: history, stages
         self.output_dir = Path(cfg.output_dir)
         self.rollout_step = 0
         self.global_step = 0  # optimizer update slots (a skipped non-finite update still takes its slot)
@@ -284,7 +284,7 @@ class Trainer(Resumable):
     def _generate_chunk(self) -> Chunk:
         """Sample a group per prompt (no gradient, eval mode for deterministic layers), decode, reward."""
         cfg, acc = self.config, self.accelerator
-        records = self.sampler.next_batch()
+        records = self.sampler.next_batch(self.rollout_step)  # the step picks the stage (data.stages)
         self.model.eval()
         with torch.no_grad():
             rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
@@ -292,6 +292,8 @@ class Trainer(Resumable):
         rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
                                   rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names,
                                   faults=self.reward_faults)
+        # SRPO history resampling remembers each prompt's outcomes (a no-op when it is off)
+        self.sampler.record(rewards, torch.arange(rollout.batch_size) // rollout.group_size)
         return Chunk(rollout, completions, rewards)
 
     def _phase(self, phase: str, batch: StepBatch) -> None:
@@ -475,6 +477,7 @@ class Trainer(Resumable):
             m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
             m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
         m.update(self.reward_faults.metrics())
+        m.update(self.sampler.metrics())  # SRPO
         if self.config.logging.log_completions and self.accelerator.is_main_process:
             for i in range(min(self.config.logging.log_completions, len(completions))):
                 logger.info("step %d sample %d reward=%s: %r", self.rollout_step, i,

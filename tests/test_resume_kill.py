@@ -67,6 +67,14 @@ CASES = {
     "ref_sync_kl_in_reward": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "algorithm.beta=0.05", "algorithm.kl_in_reward=true", "algorithm.ref_sync_steps=2",
         "filters.top_entropy_fraction=0.5"]),
+    # SRPO history resampling: 4 prompts, 2 per step, so an epoch (and its drop set) turns over every 2 steps
+    "srpo_history": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "filters.history_resampling=true", "data.max_train_samples=4"]),
+    # data.stages: a stage switch at step 3 (after the resume), then a seeded mixture, with SRPO per source
+    "srpo_stages": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "data.max_train_samples=4", "filters.history_resampling=true",
+        'data.stages=[{steps: 3, train: "synthetic:single_shape"}, '
+        '{mix: {"synthetic:single_shape": 0.5, "synthetic:colour_at_position": 0.5}}]']),
 }
 
 

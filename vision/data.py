@@ -99,6 +99,19 @@ class VisionDataConfig:
     # skipped (BadSample), or with truncate_prompts its user text is cut from the left to fit (images never).
     max_prompt_length: int | None = None
     truncate_prompts: bool = False
+    # A staged schedule of training data (SRPO's two-stage cross-domain training, or any curriculum), in
+    # place of ``train``: each stage ``{steps: N, train: SOURCE}`` or ``{steps: N, mix: {SOURCE: weight, ...}}``
+    # (a mixture: each record's source drawn by weight); the last stage may omit ``steps`` (until the end).
+    # Every other key (max_train_samples, template, train_split, ...) is this section's. [] = just ``train``.
+    stages: list[dict] = field(default_factory=list)
+
+
+STAGE_KEYS = ("steps", "train", "mix")
+
+
+def stage_sources(stage: dict) -> dict[str, float]:
+    """The sources of one entry of ``VisionDataConfig.stages`` with their weights."""
+    return {stage["train"]: 1.0} if "train" in stage else dict(stage["mix"])
 
 
 def resolve_template(template: str) -> str:

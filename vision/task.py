@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mmrl.config import TrainConfig
+from mmrl.data import Stage, Stages
 from vision import benchmarks as _benchmarks  # noqa: F401  (registers the benchmark_accuracy reward)
 from vision import rewards as _rewards  # noqa: F401  (registers the vision reward functions)
-from vision.data import BENCHMARK_PREFIX, VisionDataConfig, VisionDataset, build_datasets
+from vision.data import BENCHMARK_PREFIX, VisionDataConfig, VisionDataset, build_datasets, stage_sources
 from vision.masking import MaskingConfig
 from vision.modeling import VisionModelConfig, load_model_and_processor
 from vision.policy import VisionPolicy
@@ -34,13 +35,16 @@ SECTION_TYPES = {"model": VisionModelConfig, "data": VisionDataConfig, "cold_sta
 @dataclass
 class VisionTask:
     policy: VisionPolicy
-    train_dataset: VisionDataset
+    train_dataset: VisionDataset | Stages  # Stages when data.stages is set
     eval_dataset: Sequence[dict] | None  # a VisionDataset, or BenchmarkRecords for data.eval "benchmark:NAME"
 
 
 def build(cfg: TrainConfig) -> VisionTask:
     model, processor = load_model_and_processor(cfg.model)
-    train, evaluation = build_datasets(cfg.data)
+    stages = cfg.data.stages
+    # With stages, "the" training set (cold start, prompt checks) is the first stage's first source.
+    train, evaluation = build_datasets(replace(cfg.data, train=next(iter(stage_sources(stages[0]))))
+                                       if stages else cfg.data)
     if (cfg.data.eval or "").startswith(BENCHMARK_PREFIX) and cfg.eval.reward != "benchmark_accuracy":
         # Benchmark records carry answer_type/choices; only benchmark_accuracy grades with the benchmark's rule.
         logger.warning("data.eval is %s but eval.reward is %r; set eval.reward: benchmark_accuracy to grade it "
@@ -55,7 +59,27 @@ def build(cfg: TrainConfig) -> VisionTask:
     elif evaluation is not None:  # benchmark records: the same checks, so a bad item is a load error there too
         evaluation = CheckedRecords(evaluation, limits)
     policy = VisionPolicy(model, processor, cfg.logprob_chunk_size, masking=cfg.masking)
-    return VisionTask(policy, train, evaluation)
+    return VisionTask(policy, build_stages(cfg.data, train, limits) if stages else train, evaluation)
+
+
+def build_stages(data: VisionDataConfig, first: VisionDataset, limits: PromptLimits | None = None) -> Stages:
+    """The :class:`~mmrl.data.Stages` of ``data.stages``; every source is built once (``first`` is the
+    first stage's first source), with the section's other keys and the prompt checks ``limits``."""
+    built = {next(iter(stage_sources(data.stages[0]))): first}
+
+    def dataset(source: str) -> VisionDataset:
+        if source not in built:
+            built[source] = build_datasets(replace(data, train=source, eval=None, stages=[]))[0]
+            built[source].limits = limits
+        return built[source]
+
+    stages = []
+    for stage in data.stages:
+        weights = stage_sources(stage)
+        stages.append(Stage(stage.get("steps"), {source: dataset(source) for source in weights}, weights))
+        logger.info("stage %d: %s for %s steps (%s prompts)", len(stages) - 1, weights,
+                    stage.get("steps") or "the remaining", {s: len(built[s]) for s in weights})
+    return Stages(stages)
 
 
 def prompt_limits(cfg: TrainConfig, model, processor) -> PromptLimits:
@@ -78,7 +102,9 @@ def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -
     if cfg.cold_start.steps <= 0:
         return {}
     policy = task.policy
-    return run_sft(policy.model, policy.processor, task.train_dataset, cfg.cold_start,
+    train = task.train_dataset  # with stages: the first stage's first source
+    train = train.first_dataset() if isinstance(train, Stages) else train
+    return run_sft(policy.model, policy.processor, train, cfg.cold_start,
                    Path(cfg.output_dir) / "sft", seed=cfg.seed, show_progress=show_progress)
 
 
@@ -89,7 +115,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     with the loaders' own rule for telling a local path from a hub id."""
     from mmrl.config_checks import Problems, exists
     from vision.benchmarks import available_benchmarks
-    from vision.data import LAYOUTS, SFT_TARGETS, SYNTHETIC_PREFIX, resolve_template
+    from vision.data import LAYOUTS, SFT_TARGETS, STAGE_KEYS, SYNTHETIC_PREFIX, resolve_template
     from vision.masking import STRATEGIES
     from vision.modeling import BUILTIN_MODELS, _resolve_dtype
     from vision.synthetic import SPLITS, make_synthetic
@@ -118,17 +144,16 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.number("model.seed", model.seed, ge=0, integer=True)
     if data is not None:
         reported: set[str] = set()  # train and eval from one synthetic task: its option errors once
-        sources = (("data.train", data.train, data.train_split), ("data.eval", data.eval, data.eval_split))
-        for key, source, split in sources:
-            if source is None and key == "data.eval":
-                continue
+
+        def check_source(key: str, source, split: str, train: bool) -> None:
             if not isinstance(source, str) or not source:
                 p.add(key, source, "must be a hub dataset id, a local data file or folder, or synthetic:NAME")
             elif source.startswith(SYNTHETIC_PREFIX):
                 options = dict(data.synthetic_options) if isinstance(data.synthetic_options, dict) else {}
                 count = options.pop("num_samples", None)
                 p.number("data.synthetic_options.num_samples", count, ge=1, integer=True, optional=True)
-                if p.choice(f"{key}_split", split, SPLITS, why="the splits of a synthetic task"):
+                split_key = f"data.{'train' if train else 'eval'}_split"
+                if p.choice(split_key, split, SPLITS, why="the splits of a synthetic task"):
                     try:  # zero rows: checks the task name and its options, draws nothing
                         make_synthetic(source[len(SYNTHETIC_PREFIX):], split, 0, data.seed, **options)
                     except Exception as exc:  # whatever the loader would raise, reported here instead
@@ -136,12 +161,37 @@ def validate(cfg: TrainConfig) -> list[str]:
                             reported.add(str(exc))
                             p.add(key, source, f"{exc} (options from data.synthetic_options)")
             elif source.startswith(BENCHMARK_PREFIX):
-                if key == "data.train":
+                if train:
                     p.add(key, source, "'benchmark:NAME' is for data.eval only")
                 else:
                     p.choice(key, source, [BENCHMARK_PREFIX + b for b in available_benchmarks()])
             else:
                 p.local_or_hub(key, source, why="a hub dataset id is 'org/name'")
+
+        if not data.stages:  # with stages, data.train is not read
+            check_source("data.train", data.train, data.train_split, train=True)
+        if data.eval is not None:
+            check_source("data.eval", data.eval, data.eval_split, train=False)
+        for i, stage in enumerate(data.stages):
+            key, last = f"data.stages[{i}]", i == len(data.stages) - 1
+            if not isinstance(stage, dict):
+                p.add(key, stage, "must be a mapping {steps: N, train: SOURCE} or {steps: N, mix: {SOURCE: weight}}")
+                continue
+            for name in stage:
+                if name not in STAGE_KEYS:
+                    p.add(f"{key}.{name}", stage[name], f"unknown stage key; valid keys: {list(STAGE_KEYS)}")
+            p.number(f"{key}.steps", stage.get("steps"), ge=1, integer=True, optional=last,
+                     why="rollout steps of the stage; only the last stage may omit it, to run until the end")
+            if ("train" in stage) == ("mix" in stage):
+                p.add(key, stage, "needs exactly one of train (a source) or mix ({source: weight, ...})")
+            elif "train" in stage:
+                check_source(f"{key}.train", stage["train"], data.train_split, train=True)
+            elif not isinstance(stage["mix"], dict) or not stage["mix"]:
+                p.add(f"{key}.mix", stage["mix"], "must be a non-empty mapping {source: weight, ...}")
+            else:
+                for source, weight in stage["mix"].items():
+                    check_source(f"{key}.mix", source, data.train_split, train=True)
+                    p.number(f"{key}.mix[{source!r}]", weight, gt=0, why="the source's share of the records")
         if data.eval_benchmark_path is not None:
             p.path("data.eval_benchmark_path", data.eval_benchmark_path)
         if data.image_dir is not None:
