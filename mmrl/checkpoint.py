@@ -4,11 +4,13 @@ directory that looks like a checkpoint but is not one.
 Layout of ``<output_dir>/checkpoint-<step>/``::
 
     model/                 the policy's own export (config + weights + processor): loadable by path
-    reference/             the frozen KL reference model's weights (only when the run has one)
+    reference/             the KL reference model's weights (only when the run has one; hard-linked from the
+                           previous checkpoint unless it is refreshed, algorithm.ref_sync_steps)
     optimizer.pt           optimizer state (main process; identical on every process under DDP)
     scheduler.pt           LR scheduler state
     rank-<r>.pt            per process: Python / NumPy / torch (CPU, CUDA) RNG states, the trainer's generators
-    rank-<r>.json          per process: the prompt sampler's position (epoch, index, skipped), reward-fault counts
+    rank-<r>.json          per process: the prompt sampler's position (epoch, index, skipped, SRPO history,
+                           stage), reward-fault counts, components' memories (dynamic sampling, GFPO adaptive k)
     trainer_state.json     rollout step, optimizer step, run facts (e.g. accuracy before RL), monitor states
     manifest.json          size and SHA-256 of every file above; written last
 
@@ -241,8 +243,9 @@ def save_main_state(staging: Path, optimizer, scheduler, trainer_state: dict,
 
 
 def save_reference(directory: Path, reference: torch.nn.Module, previous: Path | None) -> None:
-    """The frozen reference never changes: hard-link the previous checkpoint's copy when there is one
-    (no extra disk, and deleting the old checkpoint keeps the file), else write it."""
+    """A frozen reference never changes: hard-link the previous checkpoint's copy when there is one (no
+    extra disk, and deleting the old checkpoint keeps the file), else write it. A refreshed reference
+    (``algorithm.ref_sync_steps``) changes, so the caller passes ``previous=None`` and it is written."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / REFERENCE_FILE
     source = None if previous is None else previous / REFERENCE_DIR / REFERENCE_FILE

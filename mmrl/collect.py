@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmrl import group_filters
+from mmrl import algorithms, group_filters
 from mmrl.config import TrainConfig
 from mmrl.policy import Rollout
 from mmrl.rewards import RewardOutput
@@ -131,3 +131,32 @@ def keep_groups(collected: Collected, num_groups: int) -> Collected:
     collected.batch = batch.select(index)
     collected.completions = [collected.completions[i] for i in index.tolist()]
     return collected
+
+
+def generation_metrics(rollout: Rollout, rewards: RewardOutput) -> dict[str, float]:
+    """Reward and length statistics of generated samples, per reward function too."""
+    lengths = rollout.completion_mask.sum(dim=1).float()
+    total = rewards.total
+    valid = ~torch.isnan(total)
+    grouped = torch.nan_to_num(total, nan=0.0).view(-1, rollout.group_size)
+    m: dict[str, float] = {
+        "reward": float(total[valid].mean()) if valid.any() else float("nan"),
+        "reward_std": float(total[valid].std()) if valid.sum() > 1 else 0.0,
+        "frac_reward_zero_std": float((grouped.std(dim=1) < 1e-6).float().mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(rollout.truncated.float().mean()),
+        "completions/total_tokens": float(lengths.sum()),
+        # Token-level diversity within each group: falling towards 0 shows collapse at a glance.
+        "completions/group_diversity": float(algorithms.group_token_diversity(
+            rollout.completion_ids, rollout.completion_mask, rollout.group_size).mean()),
+        "reward_missing_frac": float((~valid).float().mean()),
+    }
+    for j, name in enumerate(rewards.names):
+        column = rewards.per_function[:, j]
+        ok = ~torch.isnan(column)
+        m[f"rewards/{name}/mean"] = float(column[ok].mean()) if ok.any() else float("nan")
+        m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
+        m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
+    return m

@@ -1,17 +1,20 @@
 """The one trainer: GRPO-family RL for any :class:`~mmrl.policy.Policy`.
 
-One rollout step, read top to bottom in :meth:`Trainer.train`:
+One rollout step, one line per phase in :meth:`Trainer._rollout_step`:
 
-1. take ``P`` prompt records; the policy samples ``G`` completions for each (group sampling);
-2. reward functions score the decoded completions; rewards are combined with their weights;
-3. group-relative advantages (:func:`mmrl.algorithms.group_advantages`);
-4. log-probs at rollout time (the ``old_logp`` of the PPO ratio) and, if ``beta > 0``, under the frozen
-   reference model — both without gradient;
-5. ``ppo_epochs`` passes over the rollout in shuffled mini-batches; each mini-batch is one optimizer
-   update, accumulated over micro-batches; clipped policy loss (+ β·KL), grad-norm clip, step.
+1. **collect** — ``P`` prompts, ``G`` completions each (group sampling), decoded and rewarded; with DAPO's
+   dynamic sampling, repeated until the batch holds ``P`` informative groups (:mod:`mmrl.collect`);
+2. **prepare** (no gradient) — what the registered components declare they need: old / reference /
+   sampler log-probs, entropies, PAPO's masked view;
+3. **shape** → **select** → **advantages** → **weigh** — step components (:mod:`mmrl.components`) change
+   rewards, take samples or tokens out of the loss, and add per-token weights; the advantage estimator
+   (:mod:`mmrl.advantages`) works on whole groups;
+4. **updates** — ``ppo_epochs`` passes over mini-batches of whole groups, each one optimizer update
+   accumulated over micro-batches: objective (:mod:`mmrl.objectives`) → weights → mask → aggregation over
+   the mini-batch's global counts → + each loss term (:mod:`mmrl.loss_terms`).
 
 Multi-GPU goes through ``accelerate``: each process samples its own prompts, so groups never span
-processes and advantages need no communication; metrics are averaged across processes for logging.
+processes; loss normalisers and metrics are reduced across processes.
 
 Nothing is lost: a checkpoint (:mod:`mmrl.checkpoint`) holds every process's RNG and sampler state and
 the KL reference, so a killed run resumes bit-exactly; SIGTERM/SIGINT finish the step, save and stop
@@ -38,7 +41,7 @@ from transformers import get_scheduler
 from mmrl import algorithms, checkpoint
 from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from mmrl.checkpoint import isolated_rng
-from mmrl.collect import Chunk, Collected, build_collector, keep_groups
+from mmrl.collect import Chunk, Collected, build_collector, generation_metrics, keep_groups
 from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import make_sampler
@@ -451,31 +454,9 @@ class Trainer(Resumable):
         """Reward and length statistics of every sample generated this step (what the policy does; with
         dynamic sampling that includes the dropped groups — ``reward_shaped`` is over the trained batch)."""
         rollout, rewards, completions = collected.generated, collected.generated_rewards, collected.generated_completions
-        lengths = rollout.completion_mask.sum(dim=1).float()
+        m = generation_metrics(rollout, rewards)
+        m["skipped_samples"] = float(self.sampler.skipped)
         total = rewards.total
-        valid = ~torch.isnan(total)
-        grouped = torch.nan_to_num(total, nan=0.0).view(-1, rollout.group_size)
-        m: dict[str, float] = {
-            "reward": float(total[valid].mean()) if valid.any() else float("nan"),
-            "reward_std": float(total[valid].std()) if valid.sum() > 1 else 0.0,
-            "frac_reward_zero_std": float((grouped.std(dim=1) < 1e-6).float().mean()),
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
-            "completions/total_tokens": float(lengths.sum()),
-            # Token-level diversity within each group: falling towards 0 shows collapse at a glance.
-            "completions/group_diversity": float(algorithms.group_token_diversity(
-                rollout.completion_ids, rollout.completion_mask, rollout.group_size).mean()),
-            "reward_missing_frac": float((~valid).float().mean()),
-            "skipped_samples": float(self.sampler.skipped),
-        }
-        for j, name in enumerate(rewards.names):
-            column = rewards.per_function[:, j]
-            ok = ~torch.isnan(column)
-            m[f"rewards/{name}/mean"] = float(column[ok].mean()) if ok.any() else float("nan")
-            m[f"rewards/{name}/std"] = float(column[ok].std()) if ok.sum() > 1 else 0.0
-            m[f"rewards/{name}/failures"] = float(rewards.failures.get(name, 0))
         m.update(self.reward_faults.metrics())
         m.update(self.sampler.metrics())  # SRPO
         if self.config.logging.log_completions and self.accelerator.is_main_process:
