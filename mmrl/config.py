@@ -189,8 +189,12 @@ TASK_SECTIONS = ("model", "data", "cold_start", "masking")
 # Named defaults (``preset: NAME``): the algorithm settings of a paper, under whatever the file sets.
 PRESETS: dict[str, dict] = {
     "grpo": {"algorithm": {"loss_type": "grpo", "adv_scale": "group", "epsilon": 0.2}},
+    # DAPO (Yu et al., 2025): token-level loss, clip-higher, no KL, dynamic sampling (verl's recipe bounds it
+    # at 10 generation rounds). Its overlong shaping depends on the length limit: set
+    # filters.overlong_cache_length yourself (the paper: the last 4096 of 20480 tokens).
     "dapo": {"algorithm": {"loss_type": "dapo", "adv_scale": "group", "epsilon": 0.2, "epsilon_high": 0.28,
-                           "beta": 0.0}},
+                           "beta": 0.0},
+             "filters": {"dynamic_sampling": True, "max_sample_batches": 10}},
     "dr_grpo": {"algorithm": {"loss_type": "dr_grpo", "adv_scale": "none"}},
     # PAPO (Wang et al., 2025) on GRPO: KL_ref k3 0.01, clip 0.2/0.3, γ 0.02, n=5, T=1.0, top_p 0.99, lr 1e-6;
     # token-mean aggregation as every official run (`loss_avg_mode: token`).

@@ -244,6 +244,8 @@ def _check_sampling(cfg: TrainConfig, p: Problems) -> None:
     p.number("sampling.top_p", s.top_p, gt=0, le=1, why="1 disables nucleus sampling")
     p.number("sampling.top_k", s.top_k, ge=0, integer=True, why="0 disables top-k")
     p.number("sampling.max_new_tokens", s.max_new_tokens, ge=1, integer=True)
+    p.number("sampling.min_new_tokens", s.min_new_tokens, ge=0, le=s.max_new_tokens if isinstance(s.max_new_tokens, int)
+             else None, integer=True, why="the stop token is suppressed until then; at most max_new_tokens")
 
 
 def _check_algorithm(cfg: TrainConfig, p: Problems) -> None:

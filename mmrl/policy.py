@@ -149,6 +149,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
+    # The stop token is suppressed until this many tokens were generated (transformers' min_new_tokens):
+    # forces a completion length, e.g. to compare step times with TRL on identical work. Text policies only.
+    min_new_tokens: int = 0
 
 
 @runtime_checkable

@@ -459,3 +459,21 @@ def test_gradients_reach_language_and_vision_parameters(setup, synthetic_records
     assert grads["model.language_model.embed_tokens.weight"].abs().sum() > 0
     # the shared fixture model is untouched
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_min_new_tokens_forces_the_completion_length(setup, synthetic_records):
+    """With the stop token made very likely, ``min_new_tokens`` still holds it back until then (the length
+    forcing the TRL side-by-side benchmark uses); the recorded sampler log-probs see the same suppression."""
+    model, _, policy = setup
+    policy.record_sampler_logp = True
+    try:
+        torch.manual_seed(0)
+        with logit_bias(model, _eos_bias(policy)):
+            free = policy.generate(model, synthetic_records[:2], 4, Sampling(temperature=1.0, max_new_tokens=6))
+            forced = policy.generate(model, synthetic_records[:2], 4,
+                                     Sampling(temperature=1.0, max_new_tokens=6, min_new_tokens=4))
+    finally:
+        policy.record_sampler_logp = False
+    assert free.completion_mask.sum(dim=1).min() < 4  # the bias makes early stops common
+    assert (forced.completion_mask.sum(dim=1) >= 4).all()
+    assert torch.isfinite(forced.sampler_logp).all()

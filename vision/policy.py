@@ -165,7 +165,8 @@ class VisionPolicy:
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else sampling.top_k, eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id, suppress_tokens=self.suppress_token_ids or None, **NEUTRAL_PROCESSING)
+            pad_token_id=self.pad_token_id, suppress_tokens=self.suppress_token_ids or None,
+            min_new_tokens=sampling.min_new_tokens or None, **NEUTRAL_PROCESSING)
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, records: list[dict], group_size: int, sampling: Sampling) -> Rollout:
