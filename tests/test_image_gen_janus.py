@@ -166,6 +166,22 @@ def test_sampler_logprobs_against_trainer_recomputation(policy, mode):
         policy.record_sampler_logp = False
 
 
+def test_rounds_with_prompts_of_different_lengths_concatenate(policy):
+    """Dynamic sampling joins rounds: the shorter round's prompts get more left padding (pad token, mask 0)
+    and score exactly as before."""
+    from mmrl.policy import Rollout
+
+    torch.manual_seed(6)
+    short = policy.generate(policy.model, [{"prompt": "red"}], 2, Sampling(temperature=0.8))
+    long = policy.generate(policy.model, [{"prompt": PROMPTS[0] + " and more words here"}], 2, Sampling(temperature=0.8))
+    assert short.inputs.tensors["prompt_ids"].shape[1] < long.inputs.tensors["prompt_ids"].shape[1]
+    joined = Rollout.concat([short, long])
+    assert joined.inputs.tensors["prompt_ids"].shape[1] == long.inputs.tensors["prompt_ids"].shape[1]
+    together = policy.log_probs(policy.model, joined)[0].detach()
+    apart = torch.cat([policy.log_probs(policy.model, r)[0].detach() for r in (short, long)])
+    torch.testing.assert_close(together, apart, atol=2e-5, rtol=1e-5)
+
+
 def test_gradients_reach_generation_modules_not_frozen_ones(policy):
     policy.logprob_mode = "cfg"
     try:

@@ -161,3 +161,20 @@ def test_guided_token_logprobs_against_hand_computed_values():
     # guidance only on the second half of the tokens: t=0 is plain conditional, [2, 0] -> log σ(2)
     logp, _ = guided_token_logprobs(torch.cat([cond, uncond]), ids, head, 2.0, (0.5, 1.0), 1.0, 1)
     torch.testing.assert_close(logp, torch.log(torch.sigmoid(torch.tensor([[2.0, 1.0]]))))
+
+
+def test_rollouts_of_several_rounds_concatenate(gpt):
+    """DAPO's dynamic sampling joins rounds into one batch: scores equal each round's own, columns align."""
+    from mmrl.policy import Rollout
+
+    policy = ARImagePolicy(gpt, build_tiny_diffusers_vq(), cfg_scale=2.0, logprob_mode="cfg", record_sampler_logp=True)
+    torch.manual_seed(5)
+    first = policy.generate(gpt, [{"prompt": "a", "class_id": 1}], 2, Sampling(temperature=0.9))
+    second = policy.generate(gpt, [{"prompt": "b", "class_id": 2, "extra": 7}], 2, Sampling(temperature=0.9))
+    joined = Rollout.concat([first, second])
+    assert joined.batch_size == 4 and joined.columns["class_id"] == [1, 1, 2, 2]
+    assert joined.columns["extra"] == [None, None, 7, 7]
+    together, _ = policy.log_probs(gpt, joined)
+    apart = torch.cat([policy.log_probs(gpt, r)[0] for r in (first, second)])
+    torch.testing.assert_close(together.detach(), apart.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joined.sampler_logp, torch.cat([first.sampler_logp, second.sampler_logp]))
