@@ -29,6 +29,7 @@ from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
+from vision.shared_vision import ImagePlan, plan_images, shared_image_features, vision_model
 
 Tensor = torch.Tensor
 
@@ -74,8 +75,13 @@ class VisionPolicy:
     """Samples and scores text completions of a Qwen-VL model for image+text prompts."""
 
     def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024,
-                 masking: MaskingConfig | None = None, record_sampler_logp: bool = False):
+                 masking: MaskingConfig | None = None, record_sampler_logp: bool = False,
+                 share_vision: bool = True):
         self.model = model
+        # Encode each unique image once per forward / generate call (vision.shared_vision); False encodes
+        # every sample's copy, as a reference for the tests. Results are the same either way.
+        self.share_vision = share_vision
+        self.images_encoded = 0  # images given to the vision tower by generate / log_probs, all calls together
         self.record_sampler_logp = record_sampler_logp
         self.processor = processor
         self.masking = masking or MaskingConfig()  # PAPO's masked view (used only when PAPO is on)
@@ -148,12 +154,29 @@ class VisionPolicy:
         return pixel_chunks, grid_chunks
 
     def _model_inputs(self, inputs: SampleInputs, device: torch.device) -> dict[str, Tensor]:
+        """Every sample's inputs, each image occurrence's pixels included (no sharing)."""
         out = {k: v.to(device) for k, v in inputs.tensors.items()}
         pixels = [p for chunk in inputs.lists.get("pixel_values", []) for p in chunk]
         if pixels:
             out["pixel_values"] = torch.cat(pixels).to(device)
             out["image_grid_thw"] = torch.cat([g for chunk in inputs.lists["image_grid_thw"] for g in chunk]).to(device)
         return out
+
+    def _shared_inputs(self, inputs: SampleInputs, device: torch.device) -> tuple[dict[str, Tensor], ImagePlan | None]:
+        """The model inputs with each unique image's pixels once, and the plan that expands its features
+        to every occurrence (use the inputs inside :func:`shared_image_features`); with ``share_vision``
+        off, :meth:`_model_inputs` and no plan."""
+        if not self.share_vision:
+            out = self._model_inputs(inputs, device)
+            self.images_encoded += len(out.get("image_grid_thw", ()))
+            return out, None
+        out = {k: v.to(device) for k, v in inputs.tensors.items()}
+        plan = plan_images(inputs.lists.get("pixel_values", []), inputs.lists.get("image_grid_thw", []))
+        if plan is not None:
+            out["pixel_values"] = plan.pixel_values.to(device)
+            out["image_grid_thw"] = plan.image_grid_thw.to(device)
+            self.images_encoded += plan.num_unique
+        return out, plan
 
     # ------------------------------------------------------------------ Policy interface
 
@@ -176,15 +199,17 @@ class VisionPolicy:
         inputs = prompt_inputs.select(repeat)
         greedy = sampling.temperature <= 0
         gen_config = self.generation_config(sampling)
-        model_inputs = self._model_inputs(inputs, device)
+        # Each prompt's images once (not once per sample); the G rows of its group share their features.
+        model_inputs, plan = self._shared_inputs(inputs, device)
         prompt_length = model_inputs["input_ids"].shape[1]
         recorder = SampledTokenLogp() if self.record_sampler_logp and not greedy else None
-        if recorder is None:
-            sequences = model.generate(**model_inputs, generation_config=gen_config)
-        else:
-            gen_config.output_scores = gen_config.return_dict_in_generate = True
-            sequences = model.generate(**model_inputs, generation_config=gen_config,
-                                       stopping_criteria=StoppingCriteriaList([recorder])).sequences
+        with shared_image_features(model, plan):
+            if recorder is None:
+                sequences = model.generate(**model_inputs, generation_config=gen_config)
+            else:
+                gen_config.output_scores = gen_config.return_dict_in_generate = True
+                sequences = model.generate(**model_inputs, generation_config=gen_config,
+                                           stopping_criteria=StoppingCriteriaList([recorder])).sequences
         completion_ids = sequences[:, prompt_length:].cpu()
         completion_mask, truncated = self._completion_mask(completion_ids)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
@@ -211,7 +236,7 @@ class VisionPolicy:
 
     def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         device = next(model.parameters()).device
-        inputs = self._model_inputs(rollout.inputs, device)
+        inputs, plan = self._shared_inputs(rollout.inputs, device)
         completion_ids = rollout.completion_ids.to(device)
         completion_mask = rollout.completion_mask.to(device)
         prompt_length = inputs["input_ids"].shape[1]
@@ -220,10 +245,19 @@ class VisionPolicy:
         if "mm_token_type_ids" in inputs:  # completion tokens are text
             pad = torch.zeros_like(completion_ids, dtype=inputs["mm_token_type_ids"].dtype)
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], pad], dim=1)
-        # Through the (possibly wrapped) model's own forward so DDP/DeepSpeed hooks run; logits for one
-        # position only — the completion's logits are made below from the hidden states, in slices.
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = out.hidden_states[-1][:, prompt_length - 1:-1]
+        # Through the (possibly wrapped) model's own forward so DDP/DeepSpeed hooks run (image sharing
+        # included: see vision.shared_vision); logits for one position only — the completion's logits are
+        # made below from the final hidden states, in slices. Those are read off the inner model's output
+        # by a hook instead of output_hidden_states, which would keep every layer's (and the vision
+        # tower's) hidden states until the call returns.
+        last_hidden: list[Tensor] = []
+        handle = vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0]))
+        try:
+            with shared_image_features(model, plan):
+                model(**inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            handle.remove()
+        hidden = last_hidden[-1][:, prompt_length - 1:-1]
         head = unwrap_model(model).get_output_embeddings()
         return token_logprobs(hidden, completion_ids, head, temperature=rollout.temperature,
                               chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
