@@ -1,9 +1,10 @@
 """The vision-language policy: Qwen2-VL / Qwen2.5-VL / Qwen3-VL behind :class:`mmrl.policy.Policy`.
 
 Prompts are chat messages with images (see :mod:`vision`). A group is sampled by repeating each
-prompt's processed inputs ``G`` times in one ``generate`` call. Re-scoring a completion runs the
-model on prompt + completion and turns only the completion's final hidden states into log-probs,
-slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits never exist at once.
+prompt's processed inputs ``G`` times in one ``generate`` call; the vision tower still encodes each
+unique image once per call, and the samples that share it share its features (:mod:`vision.shared_vision`).
+Re-scoring a completion runs the model on prompt + completion and turns only the completion's final hidden
+states into log-probs, slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits never exist at once.
 
 ``record_sampler_logp`` (off by default; the trainer turns it on when a component needs the sampler's
 log-probs, e.g. TIS/MIS) fills ``Rollout.sampler_logp`` with the log-prob of each sampled token under the
