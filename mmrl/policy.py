@@ -50,6 +50,15 @@ class SampleInputs:
             pad_values=dict(self.pad_values),
         )
 
+    @property
+    def size(self) -> int:
+        """Number of samples."""
+        for value in self.tensors.values():
+            return value.shape[0]
+        for value in self.lists.values():
+            return len(value)
+        return 0
+
     @staticmethod
     def concat(parts: Sequence[SampleInputs]) -> SampleInputs:
         """The samples of every part, in order. A tensor listed in ``pad_values`` is left-padded to the
@@ -67,7 +76,10 @@ class SampleInputs:
                 raise ValueError(f"cannot concatenate inputs {key!r} of shapes {sorted(shapes)}: a policy "
                                  "must declare padded tensors in SampleInputs.pad_values")
             tensors[key] = torch.cat(values)
-        lists = {key: [item for part in parts for item in part.lists[key]] for key in first.lists}
+        # A list key one part lacks (a text-only batch has no image chunks) is an empty list per sample there.
+        keys = dict.fromkeys(key for part in parts for key in part.lists)
+        lists = {key: [item for part in parts
+                       for item in part.lists.get(key, [[] for _ in range(part.size)])] for key in keys}
         return SampleInputs(tensors=tensors, lists=lists, pad_values=dict(first.pad_values))
 
 

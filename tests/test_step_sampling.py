@@ -197,3 +197,26 @@ def test_adaptive_gfpo_logs_k_and_its_difficulty_thresholds(tmp_path):
     for row in rows:
         assert 2 <= row["filters/gfpo_k_mean"] <= 4
         assert {"filters/gfpo_difficulty_q34", "filters/gfpo_difficulty_q67"} <= row.keys()
+
+
+def test_a_text_only_round_joins_a_round_with_images(tmp_path):
+    """A round whose prompts have no image has no image chunks at all; joined with a round that has them,
+    every sample keeps its own (empty or not) and scores as before."""
+    cfg = make_config(tmp_path)
+    bundle = task.build(cfg)
+    policy, model = bundle.policy, bundle.policy.model
+    with_image = bundle.train_dataset[0]
+    text_only = {**copy.deepcopy(with_image), "images": []}
+    text_only["prompt"][0]["content"] = [c for c in text_only["prompt"][0]["content"] if c["type"] == "text"]
+    torch.manual_seed(0)
+    sampling = Sampling(temperature=1.0, max_new_tokens=4)
+    first, second = policy.generate(model, [text_only], 2, sampling), policy.generate(model, [with_image], 2, sampling)
+    assert "pixel_values" not in first.inputs.lists and "pixel_values" in second.inputs.lists
+    joined = Rollout.concat([first, second])
+    assert [len(chunks) for chunks in joined.inputs.lists["pixel_values"]] == [0, 0, 1, 1]
+    with torch.no_grad():
+        together = policy.log_probs(model, joined)[0]
+        apart = [policy.log_probs(model, r)[0] for r in (first, second)]
+    for rows, part, alone in ((slice(0, 2), first, apart[0]), (slice(2, 4), second, apart[1])):
+        length, mask = part.completion_ids.shape[1], part.completion_mask.bool()
+        torch.testing.assert_close(together[rows, :length][mask], alone[mask], atol=1e-5, rtol=1e-5)
