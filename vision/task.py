@@ -102,6 +102,9 @@ def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -
     if cfg.cold_start.steps <= 0:
         return {}
     policy = task.policy
+    if cfg.model.lora is not None and cfg.algorithm.beta > 0:
+        logger.warning("model.lora: the cold start trains the adapter, and the KL reference is the base with the "
+                       "adapter disabled, i.e. the model before the cold start")
     train = task.train_dataset  # with stages: the first stage's first source
     train = train.first_dataset() if isinstance(train, Stages) else train
     return run_sft(policy.model, policy.processor, train, cfg.cold_start,
@@ -245,8 +248,3 @@ def _check_model_parts(cfg: TrainConfig, p) -> None:
         p.add("algorithm.ref_sync_steps", alg.ref_sync_steps,
               "with model.lora the KL reference is the base model with the adapter disabled and cannot be "
               "refreshed: set it to 0 (or train without model.lora)")
-    if kl and cfg.cold_start is not None and isinstance(cfg.cold_start.steps, int) and cfg.cold_start.steps > 0:
-        p.add("cold_start.steps", cfg.cold_start.steps,
-              "with model.lora and algorithm.beta > 0 the KL reference is the base with the adapter disabled, "
-              "i.e. the model *before* the cold start (which trains the adapter): set cold_start.steps: 0 or "
-              "algorithm.beta: 0, or start from the SFT model (model.name_or_path)")
