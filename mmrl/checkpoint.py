@@ -3,9 +3,11 @@ directory that looks like a checkpoint but is not one.
 
 Layout of ``<output_dir>/checkpoint-<step>/``::
 
-    model/                 the policy's own export (config + weights + processor): loadable by path
-    reference/             the KL reference model's weights (only when the run has one; hard-linked from the
-                           previous checkpoint unless it is refreshed, algorithm.ref_sync_steps)
+    model/                 the policy's own export (config + weights + processor): loadable by path; for a
+                           LoRA run the adapter (adapter_config.json naming the base + adapter weights)
+    reference/             the KL reference model's weights (only when the run has a separate one, not for
+                           LoRA's adapter-disabled base; hard-linked from the previous checkpoint unless it is
+                           refreshed, algorithm.ref_sync_steps)
     optimizer.pt           optimizer state (main process; identical on every process under DDP)
     scheduler.pt           LR scheduler state
     rank-<r>.pt            per process: Python / NumPy / torch (CPU, CUDA) RNG states, the trainer's generators
@@ -52,6 +54,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 REFERENCE_DIR = "reference"
 REFERENCE_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT (LoRA) model's checkpoint: the adapter only
 
 
 class CheckpointError(RuntimeError):
@@ -327,10 +330,17 @@ def load_reference(path: Path, reference: torch.nn.Module) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load ``model.safetensors`` (or its shards, via the index) from ``directory`` into ``model``.
+    """Load ``model.safetensors`` (or its shards, via the index) from ``directory`` into ``model``; for a
+    PEFT model (LoRA), its adapter's weights from ``adapter_model.safetensors`` (the base is not saved).
 
     Every parameter of the model must be found; extra keys in the file are an error too."""
+    if hasattr(model, "peft_config"):
+        _load_adapter_weights(model, directory)
+        return
     single = directory / "model.safetensors"
+    if (directory / ADAPTER_FILE).exists() and not single.exists():
+        raise RuntimeError(f"{directory} holds a LoRA adapter ({ADAPTER_FILE}), but this run's model has none: "
+                           "resume with the same model.lora")
     index = directory / "model.safetensors.index.json"
     if single.exists():
         files = [single]
@@ -356,6 +366,22 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
             f"checkpoint weights in {directory} do not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+def _load_adapter_weights(model: torch.nn.Module, directory: Path) -> None:
+    """The adapter of a PEFT model, as its ``save_pretrained`` wrote it: every adapter tensor, no other."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    file = directory / ADAPTER_FILE
+    if not file.is_file():
+        raise RuntimeError(f"no {ADAPTER_FILE} in {directory}: it was saved without a LoRA adapter, and this "
+                           "run's model has one (model.lora)")
+    state = load_file(str(file))
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        raise RuntimeError(f"adapter weights in {file} do not match the model's adapter: missing "
+                           f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    set_peft_model_state_dict(model, state)
 
 
 @contextlib.contextmanager

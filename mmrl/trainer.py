@@ -24,7 +24,6 @@ the KL reference, so a killed run resumes bit-exactly; SIGTERM/SIGINT finish the
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -52,6 +51,7 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
+from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
 from mmrl.step import StepBatch
@@ -130,18 +130,15 @@ class Trainer(Resumable):
                              f"{type(policy).__name__} has none")
 
         model = policy.model
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        # A task may have checkpointed parts of the model itself (vision: model.gradient_checkpointing).
+        already = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        if cfg.gradient_checkpointing and not already and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # The reference model is a frozen copy of the starting weights, built when a component needs it.
-        self.ref_model = None
-        if "logps:ref" in self.needs:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-            if "forward" in model.__dict__:
-                # An instance-level forward (a wrapper some libraries install) is copied as a closure over the
-                # *policy*; the copy would silently score with the live weights. Use the class's forward.
-                logger.warning("the model has an instance-level forward wrapper; the reference model drops it")
-                del self.ref_model.forward
-            self.ref_model.to(self.accelerator.device)
+        # The KL reference (mmrl.reference), built when a component needs it: a frozen copy of the starting
+        # weights, or for a LoRA model the policy with its adapter disabled. ref_model: the copy, else None.
+        self.reference = (Reference(model, self.accelerator.device, refreshed=alg.ref_sync_steps > 0)
+                          if "logps:ref" in self.needs else None)
+        self.ref_model = self.reference.state if self.reference is not None else None
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -321,7 +318,7 @@ class Trainer(Resumable):
                 raise ValueError(f"{type(self.policy).__name__}.generate did not fill Rollout.sampler_logp")
             batch.logps["sampler"] = batch.rollout.sampler_logp
         if "logps:ref" in self.needs:
-            batch.logps["ref"] = self._score(self.ref_model, batch.rollout)[0]
+            batch.logps["ref"] = self.reference.score(lambda model: self._score(model, batch.rollout)[0], self.model)
         if "views:masked" in self.needs:  # PAPO: one mask per prompt, shared by its group
             batch.views["masked"] = self.policy.masked_view(batch.rollout, self.mask_generator)
 
@@ -341,12 +338,9 @@ class Trainer(Resumable):
     def _sync_reference(self) -> None:
         """TRL's ``sync_ref_model``: every ``ref_sync_steps`` optimizer updates, π_ref ← α·π + (1−α)·π_ref."""
         steps, alpha = self.config.algorithm.ref_sync_steps, self.config.algorithm.ref_sync_alpha
-        if self.ref_model is None or not steps or self.global_step % steps:
+        if self.reference is None or not steps or self.global_step % steps:
             return
-        # Parameters, not the state dict: tied weights appear once there (else they would be mixed twice).
-        policy = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        for name, ref in self.ref_model.named_parameters():
-            ref.mul_(1 - alpha).add_(policy[name].detach().to(ref), alpha=alpha)
+        self.reference.sync(self.accelerator.unwrap_model(self.model), alpha)
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """True on every process if any process got a stop signal (all must save and stop together)."""

@@ -42,6 +42,11 @@ class Case:
 
 CASES = {
     "vision_demo": Case("configs/vision/demo.yaml", VISION_SMALL),
+    # LoRA: the checkpoint holds the adapter; the KL reference is the base with the adapter disabled. (An
+    # adapter on the random tiny model learns the answer format too slowly for the accuracy reward to vary.)
+    "lora": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "model.lora.r=4", "algorithm.beta=0.05", "optim.lr=3e-3",
+        'rewards=[{name: "examples/custom_reward.py:length_penalty"}]']),
     # KL reference after a cold start + several updates per rollout + sampled, periodic evaluation
     "vision_kl_ref_sampled_eval": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "algorithm.beta=0.05", "algorithm.ppo_epochs=2", "mini_batch_size=4", "eval.temperature=1.0",

@@ -12,9 +12,10 @@ Two traps handled here:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,16 +47,56 @@ PROCESSOR_CLASSES = {
 }
 
 
+# Qwen2/2.5/3-VL decoder layers' linear layers: attention and MLP.
+LANGUAGE_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"  # what PEFT writes next to an adapter's weights
+
+
+@dataclass
+class LoraConfig:
+    """``model.lora``: train a LoRA adapter (through PEFT) instead of every weight.
+
+    The adapter goes on the ``nn.Linear`` layers of the language model whose last name component is in
+    ``target_modules`` (``null``: every linear layer of the language model); the output head is never
+    adapted (it is tied to the input embeddings in small Qwen models). The vision encoder (``visual``,
+    merger included) is left out unless ``vision_tower: true``. The list handed to PEFT holds full module
+    names, so a vision block's ``mlp.down_proj`` can never match a language-model target by accident.
+
+    With an adapter the KL reference is the same model with the adapter disabled (no second copy of the
+    weights), and a checkpoint's ``model/`` holds the adapter (``adapter_config.json`` names the base)."""
+
+    r: int = 8  # rank
+    alpha: float = 16.0  # scaling = alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] | None = field(default_factory=lambda: list(LANGUAGE_LINEAR_NAMES))
+    vision_tower: bool = False  # also adapt the vision encoder's linear layers
+
+
+@dataclass
+class GradientCheckpointingConfig:
+    """``model.gradient_checkpointing``: activation checkpointing per part of the model. ``null`` follows the
+    top-level ``gradient_checkpointing`` (which means both parts)."""
+
+    vision: bool | None = None  # the vision encoder's blocks
+    language: bool | None = None  # the language model's decoder layers
+
+
 @dataclass
 class VisionModelConfig:
-    """The ``model:`` section of a vision config."""
+    """The ``model:`` section of a vision config.
+
+    ``freeze_vision_tower`` (as in verl and EasyR1, which both call ``visual.requires_grad_(False)``):
+    the whole vision encoder, the patch merger / projector into the language model included, gets
+    ``requires_grad=False``; the language model (embeddings, decoder, head) trains."""
 
     name_or_path: str = "tiny-qwen2.5-vl"  # hub id, local directory, or a built-in tiny model name
     dtype: str = "auto"  # auto (bf16 on a bf16-capable GPU, else fp32) | float32 | bfloat16 | float16
     attn_implementation: str | None = None  # e.g. sdpa | flash_attention_2; None = transformers' default
     min_pixels: int = 28 * 28 * 4  # image sizing bounds (Qwen's smart resize)
     max_pixels: int = 28 * 28 * 256
-    freeze_vision_tower: bool = False
+    freeze_vision_tower: bool = False  # vision encoder + merger frozen (see above)
+    lora: LoraConfig | None = None  # null = full fine-tuning
+    gradient_checkpointing: GradientCheckpointingConfig = field(default_factory=GradientCheckpointingConfig)
     seed: int = 0  # initialisation seed of a built-in tiny model
 
 
@@ -183,8 +224,35 @@ def _resolve_dtype(dtype: str) -> torch.dtype:
         raise ValueError(f"model.dtype={dtype!r}; valid: auto, float32, bfloat16, float16") from None
 
 
-def load_model_and_processor(cfg: VisionModelConfig):
-    """(model, processor) for ``cfg.name_or_path``: a built-in tiny name, a local directory, or a hub id."""
+def load_model_and_processor(cfg: VisionModelConfig, gradient_checkpointing: bool = False):
+    """(model, processor) for ``cfg.name_or_path``: a built-in tiny name, a local directory, a LoRA adapter
+    directory (its base loaded, the adapter merged in), or a hub id. Then, in this order: the vision tower
+    frozen (``freeze_vision_tower``), activation checkpointing per part (``cfg.gradient_checkpointing``; a
+    part left ``null`` follows ``gradient_checkpointing``, the top-level setting), a LoRA adapter
+    (``cfg.lora``; the model returned is then a ``peft.PeftModel``)."""
+    name = cfg.name_or_path
+    local = Path(name).expanduser() if isinstance(name, str) else None
+    if name not in BUILTIN_MODELS and local is not None and is_adapter_dir(local):
+        model, processor = load_adapter(local, cfg)
+    else:
+        model, processor = _load_base(cfg)
+    set_pixel_bounds(processor.image_processor, cfg.min_pixels, cfg.max_pixels)
+    if cfg.freeze_vision_tower:
+        visual = vision_and_language(model)[0]
+        if visual is None:
+            raise ValueError("freeze_vision_tower: this model has no `visual` module")
+        visual.requires_grad_(False)
+    parts = cfg.gradient_checkpointing
+    set_gradient_checkpointing(model, vision=gradient_checkpointing if parts.vision is None else parts.vision,
+                               language=gradient_checkpointing if parts.language is None else parts.language)
+    if cfg.lora is not None:
+        base = str(local.resolve()) if local is not None and local.is_dir() else name
+        model = apply_lora(model, cfg.lora, base)
+    processor.tokenizer.padding_side = "left"  # generation pads prompts on the left
+    return model, processor
+
+
+def _load_base(cfg: VisionModelConfig):
     name = cfg.name_or_path
     if name in BUILTIN_MODELS:
         model, processor = build_tiny_model(name, cfg.seed)
@@ -215,12 +283,93 @@ def load_model_and_processor(cfg: VisionModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
         image_processor = AutoImageProcessor.from_pretrained(source)
         processor = build_processor(config.model_type, tokenizer, image_processor)
-    model = model.to(_resolve_dtype(cfg.dtype))
-    set_pixel_bounds(processor.image_processor, cfg.min_pixels, cfg.max_pixels)
-    if cfg.freeze_vision_tower:
-        visual = getattr(getattr(model, "model", model), "visual", None)
-        if visual is None:
-            raise ValueError("freeze_vision_tower: this model has no `visual` module")
-        visual.requires_grad_(False)
-    processor.tokenizer.padding_side = "left"  # generation pads prompts on the left
+    return model.to(_resolve_dtype(cfg.dtype)), processor
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts of the model: freezing, activation checkpointing, LoRA
+# ------------------------------------------------------------------------------------------------
+
+
+def vision_and_language(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(vision encoder, language model) of a Qwen-VL model, a PEFT-wrapped one included (``None`` where the
+    model has no such part)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel: the adapters sit inside the original modules
+        model = model.get_base_model()
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None), getattr(inner, "language_model", None)
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, vision: bool, language: bool) -> None:
+    """Activation checkpointing on the vision encoder's blocks and/or the language model's decoder layers.
+
+    Each part is a transformers ``PreTrainedModel`` of its own (``model.model.visual``,
+    ``model.model.language_model``) whose layers are ``GradientCheckpointingLayer``s: the part's own
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` in older transformers) sets
+    ``gradient_checkpointing`` on its layers only. Non-reentrant checkpointing: the gradients are the same
+    as without it, and frozen inputs (a frozen vision tower, LoRA's frozen embeddings) need no hooks."""
+    visual, language_model = vision_and_language(model)
+    for part, on, what in ((visual, vision, "vision"), (language_model, language, "language")):
+        if not on:
+            continue
+        if part is None or not getattr(part, "supports_gradient_checkpointing", False):
+            raise ValueError(f"model.gradient_checkpointing.{what}: this model has no {what} part that supports "
+                             "activation checkpointing")
+        enable = getattr(part, "activation_checkpointing_enable", None) or part.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+
+
+def lora_target_names(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
+    """Full names of the linear layers that get an adapter (see :class:`LoraConfig`)."""
+    visual = vision_and_language(model)[0]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vision_prefix = next((n for n, m in model.named_modules() if m is visual), None) if visual is not None else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        in_vision = vision_prefix is not None and (name == vision_prefix or name.startswith(vision_prefix + "."))
+        if in_vision and not lora.vision_tower:
+            continue
+        if lora.target_modules is None or name.rsplit(".", 1)[-1] in lora.target_modules:
+            names.append(name)
+    return names
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, base_name: str):
+    """``model`` wrapped by PEFT with a fresh LoRA adapter; only the adapter's parameters train. The adapter
+    config names ``base_name`` as its base (what :func:`load_adapter` loads it onto)."""
+    import peft
+
+    names = lora_target_names(model, lora)
+    if not names:
+        raise ValueError(f"model.lora.target_modules={lora.target_modules!r} matches no linear layer of the "
+                         f"{'model' if lora.vision_tower else 'language model'}")
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.peft_config["default"].base_model_name_or_path = base_name  # PEFT takes it from the model, "" here
+    return wrapped
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A PEFT adapter directory (``adapter_config.json``, no full model's ``config.json``)."""
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def load_adapter(directory: Path, cfg: VisionModelConfig):
+    """(model, processor) of a LoRA adapter directory: its base (``base_model_name_or_path`` in
+    ``adapter_config.json``, loaded with ``cfg``'s dtype and, for a built-in tiny base, ``cfg.seed``) with
+    the adapter merged into the weights: a plain model, as fast as the base, for evaluation or as the start
+    of another run."""
+    from peft import PeftModel
+
+    try:
+        base = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except ValueError as exc:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} is not valid JSON ({exc})") from None
+    if not base:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    model, processor = _load_base(replace(cfg, name_or_path=base, lora=None))
+    model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    logger.info("loaded the LoRA adapter %s onto %s (merged)", directory, base)
     return model, processor

@@ -298,7 +298,8 @@ class VisionPolicy:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
-        unwrap_model(model).save_pretrained(path)
+        model = unwrap_model(model)  # a PEFT model saves its adapter (no embedding layers: no hub look-up)
+        model.save_pretrained(path, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
         self.processor.save_pretrained(path)
 
 

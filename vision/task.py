@@ -40,7 +40,7 @@ class VisionTask:
 
 
 def build(cfg: TrainConfig) -> VisionTask:
-    model, processor = load_model_and_processor(cfg.model)
+    model, processor = load_model_and_processor(cfg.model, gradient_checkpointing=cfg.gradient_checkpointing is True)
     stages = cfg.data.stages
     # With stages, "the" training set (cold start, prompt checks) is the first stage's first source.
     train, evaluation = build_datasets(replace(cfg.data, train=next(iter(stage_sources(stages[0]))))
@@ -102,6 +102,9 @@ def cold_start(cfg: TrainConfig, task: VisionTask, show_progress: bool = True) -
     if cfg.cold_start.steps <= 0:
         return {}
     policy = task.policy
+    if cfg.model.lora is not None and cfg.algorithm.beta > 0:
+        logger.warning("model.lora: the cold start trains the adapter, and the KL reference is the base with the "
+                       "adapter disabled, i.e. the model before the cold start")
     train = task.train_dataset  # with stages: the first stage's first source
     train = train.first_dataset() if isinstance(train, Stages) else train
     return run_sft(policy.model, policy.processor, train, cfg.cold_start,
@@ -117,7 +120,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     from vision.benchmarks import available_benchmarks
     from vision.data import LAYOUTS, SFT_TARGETS, STAGE_KEYS, SYNTHETIC_PREFIX, resolve_template
     from vision.masking import STRATEGIES
-    from vision.modeling import BUILTIN_MODELS, _resolve_dtype
+    from vision.modeling import ADAPTER_CONFIG, BUILTIN_MODELS, _resolve_dtype
     from vision.synthetic import SPLITS, make_synthetic
 
     p = Problems()
@@ -130,7 +133,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         if not isinstance(name, str) or not name:
             p.add("model.name_or_path", name, f"must be a hub id, a model directory or one of {builtin}")
         elif local and p.path("model.name_or_path", name, "dir", f"hub ids are org/name; built-in {builtin}"):
-            if not exists(Path(name).expanduser() / "config.json"):
+            if not exists(Path(name).expanduser() / "config.json") and \
+                    not exists(Path(name).expanduser() / ADAPTER_CONFIG):
                 p.add("model.name_or_path", name, "the directory has no config.json: not a transformers "
                                                   "model (an mmrl checkpoint's model is checkpoint-N/model)")
         try:
@@ -142,6 +146,7 @@ def validate(cfg: TrainConfig) -> list[str]:
                 and model.min_pixels > model.max_pixels:
             p.add("model.min_pixels", model.min_pixels, f"must be <= model.max_pixels={model.max_pixels}")
         p.number("model.seed", model.seed, ge=0, integer=True)
+        _check_model_parts(cfg, p)
     if data is not None:
         reported: set[str] = set()  # train and eval from one synthetic task: its option errors once
 
@@ -218,3 +223,28 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.number("masking.patch_size", masking.patch_size, ge=1, integer=True)
         p.number("masking.prob", masking.prob, ge=0, le=1)
     return p.lines
+
+
+def _check_model_parts(cfg: TrainConfig, p) -> None:
+    """``model.lora`` values and what they cannot be combined with; ``model.gradient_checkpointing``."""
+    model, lora = cfg.model, cfg.model.lora
+    parts = model.gradient_checkpointing
+    if cfg.gradient_checkpointing is True and parts.vision is False and parts.language is False:
+        p.add("gradient_checkpointing", True, "model.gradient_checkpointing turns it off for both the vision and "
+                                              "the language part: set gradient_checkpointing: false")
+    if lora is None:
+        return
+    p.number("model.lora.r", lora.r, ge=1, integer=True, why="the adapter's rank")
+    p.number("model.lora.alpha", lora.alpha, gt=0, why="the adapter's scale is alpha / r")
+    p.number("model.lora.dropout", lora.dropout, ge=0, lt=1)
+    targets = lora.target_modules
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        p.add("model.lora.target_modules", targets, "must be a non-empty list of linear-layer names (e.g. q_proj, "
+                                                    "v_proj), or null for every linear layer of the language model")
+    alg = cfg.algorithm
+    kl = isinstance(alg.beta, (int, float)) and alg.beta > 0
+    if kl and isinstance(alg.ref_sync_steps, int) and alg.ref_sync_steps > 0:
+        p.add("algorithm.ref_sync_steps", alg.ref_sync_steps,
+              "with model.lora the KL reference is the base model with the adapter disabled and cannot be "
+              "refreshed: set it to 0 (or train without model.lora)")
