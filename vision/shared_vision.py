@@ -68,6 +68,8 @@ def vision_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose ``forward`` calls ``self.get_image_features`` (``Qwen*VLModel``) inside a
     ``Qwen*VLForConditionalGeneration``, itself possibly inside DDP/DeepSpeed wrappers."""
     inner = unwrap_model(model)
+    if hasattr(inner, "get_base_model"):  # a PEFT (LoRA) model wraps the transformers model
+        inner = inner.get_base_model()
     base = getattr(inner, "model", inner)
     if not (hasattr(base, "visual") and hasattr(base, "get_image_features")):
         raise TypeError(f"{type(inner).__name__} has no Qwen-VL style vision model (.model.visual)")
