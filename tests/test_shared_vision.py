@@ -111,7 +111,7 @@ def _sample(policy, model, seed=0, **sampling):
 def test_generation_encodes_each_image_once_and_samples_the_same(family):
     name, model, processor = family
     shared = VisionPolicy(model, processor, record_sampler_logp=True)
-    unshared = VisionPolicy(model, processor, record_sampler_logp=True, share_vision=False)
+    unshared = VisionPolicy(model, processor, record_sampler_logp=True, share_vision=False, share_prompt=False)
     with count_images(model) as counts:
         a = _sample(shared, model)
     assert counts == [3]  # 3 unique images, not 9 occurrences
@@ -147,7 +147,7 @@ def _assert_same_grads(shared: dict, unshared: dict):
 def test_log_probs_and_gradients_equal_encoding_every_copy(family):
     name, model, processor = family
     shared = VisionPolicy(model, processor)
-    unshared = VisionPolicy(model, processor, share_vision=False)
+    unshared = VisionPolicy(model, processor, share_vision=False, share_prompt=False)
     rollout = _sample(shared, model)
     with count_images(model) as counts:
         logp, entropy, grads = _loss_and_grads(shared, model, rollout)
@@ -178,7 +178,7 @@ def test_log_probs_and_gradients_equal_encoding_every_copy(family):
 def test_micro_batches_share_within_themselves(family):
     name, model, processor = family
     shared = VisionPolicy(model, processor)
-    unshared = VisionPolicy(model, processor, share_vision=False)
+    unshared = VisionPolicy(model, processor, share_vision=False, share_prompt=False)
     rollout = _sample(shared, model)
     part = rollout.select(torch.tensor([1, 2, 4, 8, 7]))  # 2 of prompt 0 (2 images each), 1 text, 2 of prompt 2
     with count_images(model) as counts, torch.no_grad():
@@ -192,7 +192,7 @@ def test_micro_batches_share_within_themselves(family):
 def test_papo_masked_view_shares_and_scores_the_same(family):
     name, model, processor = family
     shared = VisionPolicy(model, processor, masking=MaskingConfig())
-    unshared = VisionPolicy(model, processor, masking=MaskingConfig(), share_vision=False)
+    unshared = VisionPolicy(model, processor, masking=MaskingConfig(), share_vision=False, share_prompt=False)
     rollout = _sample(shared, model)
     masked, has_view = shared.masked_view(rollout, torch.Generator().manual_seed(0))
     assert has_view.tolist() == [True] * GROUP + [False] * GROUP + [True] * GROUP
@@ -230,3 +230,45 @@ def test_wrong_inputs_inside_the_block_raise():
     with shared_image_features(model, plan), pytest.raises(RuntimeError, match="plan's pixel_values"), torch.no_grad():
         model(**full)
     assert "get_image_features" not in vars(model.model)
+
+
+@contextlib.contextmanager
+def count_prefill_rows(model):
+    """Rows of every language-model forward that processes more than one position (the prompt prefill)."""
+    rows = []
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            rows.append(int(embeds.shape[0]))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_prefills_each_prompt_once_and_samples_the_same(family, temperature):
+    """Prompt sharing: P prompt rows are prefilled (not P·G) and the KV cache is copied per group; the
+    samples, masks and recorded sampler log-probs equal prefilling every row — with images, several
+    images per prompt and a text-only prompt in the same batch, and for a batch without any image."""
+    name, model, processor = family
+    shared = VisionPolicy(model, processor, record_sampler_logp=True)
+    unshared = VisionPolicy(model, processor, record_sampler_logp=True, share_prompt=False)
+    for records in (_records(), [_records()[1]]):
+        runs = []
+        for policy in (shared, unshared):
+            torch.manual_seed(0)
+            with count_prefill_rows(model) as rows:
+                runs.append(policy.generate(model, records, GROUP, Sampling(max_new_tokens=6, temperature=temperature)))
+            assert rows == ([len(records)] if policy is shared else [len(records) * GROUP])
+        a, b = runs
+        torch.testing.assert_close(a.completion_ids, b.completion_ids, rtol=0, atol=0)
+        torch.testing.assert_close(a.completion_mask, b.completion_mask, rtol=0, atol=0)
+        torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=1e-5, atol=1e-5)
+        # the rollout still holds every row's full prompt: it re-scores like the unshared one
+        assert torch.equal(a.inputs.tensors["input_ids"], b.inputs.tensors["input_ids"])
+        torch.testing.assert_close(shared.log_probs(model, a)[0].detach(), unshared.log_probs(model, b)[0].detach(),
+                                   rtol=1e-5, atol=1e-5)

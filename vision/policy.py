@@ -30,7 +30,7 @@ from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
-from vision.shared_vision import ImagePlan, plan_images, shared_image_features, vision_model
+from vision.shared_vision import ImagePlan, plan_images, prefill_groups, shared_image_features, vision_model
 
 Tensor = torch.Tensor
 
@@ -77,8 +77,11 @@ class VisionPolicy:
 
     def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024,
                  masking: MaskingConfig | None = None, record_sampler_logp: bool = False,
-                 share_vision: bool = True):
+                 share_vision: bool = True, share_prompt: bool = True):
         self.model = model
+        # Generation runs each prompt once (all but its last token) and copies its KV cache to the G rows of
+        # its group (vision.shared_vision.prefill_groups); False prefills every row. Same samples either way.
+        self.share_prompt = share_prompt
         # Encode each unique image once per forward / generate call (vision.shared_vision); False encodes
         # every sample's copy, as a reference for the tests. Results are the same either way.
         self.share_vision = share_vision
@@ -200,8 +203,13 @@ class VisionPolicy:
         inputs = prompt_inputs.select(repeat)
         greedy = sampling.temperature <= 0
         gen_config = self.generation_config(sampling)
-        # Each prompt's images once (not once per sample); the G rows of its group share their features.
-        model_inputs, plan = self._shared_inputs(inputs, device)
+        if self.share_prompt:
+            # Each prompt (and its images) through the model once; its KV cache serves the G rows of its group.
+            prompt_model_inputs, plan = self._shared_inputs(prompt_inputs, device)
+            model_inputs, cache = prefill_groups(model, prompt_model_inputs, plan, group_size)
+            model_inputs["cache"], plan = cache, None
+        else:  # each prompt's images once (not once per sample); the G rows of its group share their features
+            model_inputs, plan = self._shared_inputs(inputs, device)
         prompt_length = model_inputs["input_ids"].shape[1]
         recorder = SampledTokenLogp() if self.record_sampler_logp and not greedy else None
         with shared_image_features(model, plan):

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -108,3 +109,32 @@ def shared_image_features(model: torch.nn.Module, plan: ImagePlan | None) -> Ite
             base.get_image_features = original
         else:
             del base.get_image_features
+
+
+@torch.no_grad()
+def prefill_groups(model: torch.nn.Module, inputs: dict[str, Tensor], plan: ImagePlan | None,
+                   group_size: int) -> tuple[dict[str, Tensor], Any]:
+    """Prompt sharing for generation: each of the P prompts runs through the model once — all but its last
+    token, images included — and its KV cache is copied to the G rows of its group. Returns the P·G-row
+    inputs for ``model.generate`` (no pixels: the cache holds the images) and the cache, which ``generate``
+    continues from (it feeds only the last prompt token, then decodes as usual, so sampling, logits
+    processors and recorded scores are unchanged).
+
+    Qwen-VL's M-RoPE keeps the prompt's position offset (``rope_deltas``) on the inner model after the
+    first forward; it is copied per group like the cache. A batch without images gets zero offsets, as
+    ``generate`` itself sets them for text-only input."""
+    base = vision_model(model)
+    base.rope_deltas = None  # computed afresh by this prefill
+    prefix = {k: v[:, :-1] if v.dim() >= 2 and v.shape[1] == inputs["input_ids"].shape[1] else v
+              for k, v in inputs.items()}
+    with shared_image_features(model, plan):
+        out = model(**prefix, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    rows = inputs["input_ids"].shape[0]
+    if base.rope_deltas is None:
+        base.rope_deltas = torch.zeros(rows, 1, dtype=torch.long, device=inputs["input_ids"].device)
+    cache.batch_repeat_interleave(group_size)
+    base.rope_deltas = base.rope_deltas.repeat_interleave(group_size, dim=0)
+    expanded = {k: v.repeat_interleave(group_size, dim=0) for k, v in inputs.items()
+                if k not in ("pixel_values", "image_grid_thw")}
+    return expanded, cache
