@@ -113,6 +113,7 @@ def main() -> None:
         train = UidDataset(built.train_dataset)
         seen: list[list[int]] = []
         built.policy.generate = fixed_generate(built.policy, seen)
+        initial = {k: v.detach().clone() for k, v in built.policy.model.state_dict().items()}
         trainer = Trainer(cfg, built.policy, train, reward_funcs=[hashed_reward])
         if args.emulate > 1:
             if trainer.accelerator.num_processes != 1 or cfg.prompts_per_step % args.emulate:
@@ -125,6 +126,7 @@ def main() -> None:
             (out / loss_type / "history.json").write_text(json.dumps(history))
             state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
             torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / loss_type / "weights.pt")
+            torch.save(initial, out / loss_type / "initial.pt")
         trainer.accelerator.wait_for_everyone()
 
 
