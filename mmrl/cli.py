@@ -14,6 +14,7 @@ them by name only when a config asks for them.
 from __future__ import annotations
 
 import argparse
+import builtins
 import importlib
 import json
 import logging
@@ -83,7 +84,7 @@ def _resume_point(cfg) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from accelerate.utils import set_seed
+    from accelerate.utils import get_int_from_env, set_seed
 
     from mmrl.checkpoint import isolated_rng
     from mmrl.trainer import Trainer
@@ -93,7 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = _resume_point(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    # Under `accelerate launch` every process runs this; one prints and writes the run's files.
+    # (The launcher's rank variable, not accelerate's state: creating that here would fix its settings
+    # before the trainer's Accelerator reads them, e.g. ACCELERATE_USE_CPU.)
+    main_process = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    print = builtins.print if main_process else _quiet  # noqa: A001
+    if main_process:
+        (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     set_seed(cfg.seed)
     start = time.perf_counter()
     task = module.build(cfg)
@@ -125,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.preempted:
         summary["preempted_at_step"] = trainer.rollout_step
         summary["wall_time_s"] = time.perf_counter() - start
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        _write_summary(output_dir, summary, main_process)
         print(f"stopped at rollout step {trainer.rollout_step} of {cfg.max_steps}; checkpoint saved. Resume with:\n"
               f"  mmrl train {args.config} {' '.join(args.overrides)} --resume latest".rstrip())
         return 0
@@ -150,10 +157,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"mean training reward: first 10 steps {summary['reward_first10']:.3f} → "
                   f"last 10 steps {summary['reward_last10']:.3f}")
     summary["wall_time_s"] = time.perf_counter() - start
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write_summary(output_dir, summary, main_process)
     print(f"reward curve: {output_dir / 'reward_curve.png'}   metrics: {output_dir / 'metrics.jsonl'}   "
           f"time: {summary['wall_time_s']:.0f}s")
     return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``print`` on the processes other than the main one."""
+
+
+def _write_summary(output_dir: Path, summary: dict, main_process: bool) -> None:
+    if main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def cmd_sft(args: argparse.Namespace) -> int:

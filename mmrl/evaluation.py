@@ -10,12 +10,12 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from mmrl.data import BadSample
 from mmrl.policy import Policy, Sampling
+from mmrl.processes import process_state
 from mmrl.rewards import DEFAULT_REWARD_TIMEOUT_S, RewardFaults, compute_rewards, get_reward
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def evaluate_policy(policy: Policy, model: torch.nn.Module, dataset: Sequence[di
     gathered with accelerate's ``gather_object``, so all processes return the same numbers."""
     fn = get_reward(reward)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    state = PartialState()
+    state = process_state()
     mine = list(range(state.process_index, n, state.num_processes))
     scores: list[float] = []
     errors = 0

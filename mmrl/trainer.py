@@ -51,6 +51,7 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
+from mmrl.processes import use_cpu
 from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
@@ -85,7 +86,7 @@ class Trainer(Resumable):
     ):
         self.config = cfg = config
         self._check_config(cfg)
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+        self.accelerator = Accelerator(cpu=use_cpu(), mixed_precision=_mixed_precision(cfg.mixed_precision))
         set_seed(cfg.seed + self.accelerator.process_index)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
         # PAPO's masks: their own stream, so turning PAPO on does not change the mini-batch order.
@@ -301,7 +302,16 @@ class Trainer(Resumable):
             getattr(component, phase)(batch)
 
     def _advantages(self, batch: StepBatch) -> Tensor:
-        return self.advantage_fn(batch.rewards, batch.group_id, self.advantage_params).to(self.accelerator.device)
+        """Advantages over every process's samples: a group never spans processes, but batch-level statistics
+        (``adv_scale: batch``, REINFORCE++ whitening) are those of the global batch, as in TRL. Every process
+        holds the same number of samples (collect trims to the smallest), so a gather lines them up."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.advantage_fn(batch.rewards, batch.group_id, self.advantage_params).to(acc.device)
+        rewards = acc.gather(batch.rewards.to(acc.device))
+        group_id = acc.gather((batch.group_id + acc.process_index * batch.num_groups).to(acc.device))
+        advantages = self.advantage_fn(rewards.cpu(), group_id.cpu(), self.advantage_params)
+        return advantages[acc.process_index * batch.size:(acc.process_index + 1) * batch.size].to(acc.device)
 
     def _prepare(self, batch: StepBatch) -> None:
         """What the update and the loss terms need, computed once per rollout without gradient."""

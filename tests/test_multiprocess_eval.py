@@ -4,21 +4,18 @@ gathered with accelerate): two CPU processes give the same predictions as one. R
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.launching import accelerate_command, default_env
 from vision.modeling import VisionModelConfig, load_model_and_processor
 
 
 def _launch(args: list[str], processes: int, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    cmd, env = accelerate_command(args, processes, default_env())
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,20 +42,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.launching import accelerate_command, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fixed_rollout_driver.py"
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 COMPARED = ("loss", "policy_loss", "kl", "grad_norm", "reward")
 # P prompts per process, G samples, micro-batches of one group; fixed rollouts of up to 8 tokens
 COMMON = ["max_steps=3", "group_size=4", "micro_batch_size=4", "sampling.max_new_tokens=8",
-          "data.max_train_samples=24", "data.max_eval_samples=4", "optim.lr=1e-3", "algorithm.beta=0.04"]
+          "data.max_train_samples=24", "data.max_eval_samples=4", "optim.lr=1e-3", "algorithm.beta=0.04",
+          "algorithm.adv_scale=batch"]  # batch-level statistics: the advantages need every process's rewards
 P = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -68,19 +64,7 @@ def launch(args: list[str], processes: int, config_file: Path | None = None,
            timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``args`` (a script and its arguments, or ``-m module ...``) on ``processes``
     CPU processes: the torchrun launcher with ``ACCELERATE_USE_CPU=1`` (see the module docstring)."""
-    env = _env()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file is not None:
-        cmd += ["--config_file", str(config_file)]
-    elif processes > 1:
-        cmd += ["--multi_gpu"]
-    if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--main_process_port", str(_free_port())]
-    else:
-        cmd += ["--cpu"]
-    cmd += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *args]
+    cmd, env = accelerate_command(args, processes, _env(), config_file)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
@@ -111,9 +95,11 @@ def test_two_processes_match_one_process(tmp_path):
         moved = max(float((w1[k] - initial[k]).abs().max()) for k in w1)
         worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
         assert moved > 1e-3, loss_type
-        assert worst < 1e-5, (loss_type, worst, moved)  # moved ~3e-3 in 3 steps; they agree to ~1e-6
+        # moved ~3e-3 in 3 steps; they agree to ~1e-5 — Adam divides by √v, so a float-rounding difference
+        # in a near-zero gradient component can move its weight by a visible fraction of lr
+        assert worst < 5e-5, (loss_type, worst, moved)
         for k in w1:
-            assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), (loss_type, k)
+            assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=5e-5), (loss_type, k)
 
 
 def test_accelerate_config_trains_on_two_cpu_processes(tmp_path):
@@ -122,7 +108,7 @@ def test_accelerate_config_trains_on_two_cpu_processes(tmp_path):
                   "eval.batch_size=8", "cold_start.steps=0", "save_steps=0", "logging.report_to=[jsonl]",
                   "logging.progress_bar=false", "mixed_precision='no'", f"output_dir={tmp_path / 'ddp'}"],
                  processes=2, config_file=ROOT / "configs/accelerate/ddp.yaml")
-    assert out.stdout.count("reward curve:") == 2  # the CLI's last line, printed by each process
+    assert out.stdout.count("reward curve:") == 1  # the CLI's last line, printed by the main process only
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [row["rollout_step"] for row in rows] == [1, 2]  # one main process logs (two lone ones would both)
     assert (tmp_path / "ddp" / "checkpoint-2").is_dir()
@@ -130,7 +116,7 @@ def test_accelerate_config_trains_on_two_cpu_processes(tmp_path):
 
 def _fsdp_reports(mode: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "fsdp_logprob_driver.py"), mode]
+           str(free_port()), str(ROOT / "tests" / "fsdp_logprob_driver.py"), mode]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     return [json.loads(line[len("REPORT "):]) for line in out.stdout.splitlines() if line.startswith("REPORT ")]

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.launching import accelerate_command, default_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("step_time", "tokens_per_second", "timing/", "wall_time_s")
 
@@ -88,12 +90,12 @@ def _command(case: Case, output_dir: Path, *extra: str) -> list[str]:
             "logging.report_to=[jsonl]", "logging.progress_bar=false", "mixed_precision='no'", *extra]
     if case.processes == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(case.processes), "--cpu",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return accelerate_command(args, case.processes, _env())[0]  # really N processes (tests/launching.py)
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    # ACCELERATE_USE_CPU: the harness is about CPU bit-exactness; several CPU processes need it too
+    return {**default_env(), "ACCELERATE_USE_CPU": "1"}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

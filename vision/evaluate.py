@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -36,6 +35,7 @@ from mmrl.config import ConfigError, from_dict, load_yaml
 from mmrl.data import BadSample
 from mmrl.metrics import avg_at_k, pass_at_k
 from mmrl.policy import Sampling
+from mmrl.processes import process_state
 from vision.benchmarks import (
     BenchmarkData,
     BenchmarkError,
@@ -134,7 +134,7 @@ def _load_policy(cfg: EvalRunConfig):
     model, processor = load_model_and_processor(VisionModelConfig(
         name_or_path=cfg.model, dtype=cfg.dtype, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
     # Under `accelerate launch` every process gets its own device (cuda:LOCAL_RANK); alone, cuda if any.
-    device = cfg.device if cfg.device != "auto" else PartialState().device
+    device = cfg.device if cfg.device != "auto" else process_state().device
     return VisionPolicy(model.to(device).eval(), processor)
 
 
@@ -186,7 +186,7 @@ def generate_results(policy, data: BenchmarkData, cfg: EvalRunConfig) -> list[It
     gathered (accelerate's ``gather_object``) so every process returns the full, ordered list."""
     temperature = cfg.temperature if cfg.temperature is not None else (1.0 if cfg.k > 1 else 0.0)
     sampling = Sampling(temperature=temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens)
-    state = PartialState()
+    state = process_state()
     # per benchmark (results do not depend on which benchmarks ran before) and per process (no shared stream)
     torch.manual_seed(cfg.seed + state.process_index)
     was_training = policy.model.training
@@ -418,7 +418,7 @@ def run(cfg: EvalRunConfig, policy=None) -> dict[str, dict]:
         summary[UNMATCHED] = {"n": len(unclaimed), "ids": [str(r.get("id")) for r in unclaimed[:50]]}
         all_results += [ItemResult(str(r.get("benchmark")), str(r.get("id")), None, None, _row_outputs(r), [], [],
                                    "unknown id") for r in unclaimed]
-    if cfg.output is not None and PartialState().is_main_process:
+    if cfg.output is not None and process_state().is_main_process:
         write_outputs(cfg.output, all_results, summary)
     return summary
 
@@ -485,7 +485,7 @@ def cli_main(argv: list[str]) -> int:
     except (ConfigError, BenchmarkError, FileNotFoundError, ValueError) as exc:
         print(f"mmrl eval: error: {exc}", file=sys.stderr)
         return 2
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return 0
     print(markdown_summary(summary), end="")
     if cfg.output is not None:

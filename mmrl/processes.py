@@ -1,0 +1,24 @@
+"""Which processes a run has: accelerate's state, with one decision made explicit.
+
+``accelerate launch --multi_gpu --num_processes N`` (torchrun) on a machine without a GPU starts N
+processes, but accelerate treats each of them as a lone process 0 of 1 unless told to use the CPU
+(``ACCELERATE_USE_CPU=1``): N independent runs writing one output directory, silently. Several processes
+and no GPU therefore mean CPU processes (gloo) here. Everything else is accelerate's.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+
+def use_cpu() -> bool:
+    """True when the processes should run on the CPU: asked for, or several processes and no GPU."""
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available())
+
+
+def process_state() -> PartialState:
+    """accelerate's (shared) process state, CPU processes included."""
+    return PartialState(cpu=use_cpu())
