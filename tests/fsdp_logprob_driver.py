@@ -3,7 +3,8 @@ the model is sharded with FSDP? (accelerate runs FSDP on accelerators only, so t
 the way accelerate does: each of the model's ``_no_split_modules`` its own unit, then the root.)
 
 ``VisionPolicy.log_probs`` applies the output head (``get_output_embeddings()``) to the final hidden states
-*after* the wrapped forward returns. Each rank scores its own rollout; the unsharded reference scores both
+inside the wrapped forward (a hook on the top module), where FSDP1 has the head's weight whole; outside it
+the weight is this rank's 1-D shard of the FlatParameter (reported as ``head_shape_outside_forward``). Each rank scores its own rollout; the unsharded reference scores both
 and averages the gradients (as the sharded run's reduce-scatter does). Prints one JSON line per rank.
 
 Run with ``python -m torch.distributed.run --nproc_per_node 2 fsdp_logprob_driver.py fsdp2|fsdp1``.
@@ -11,6 +12,7 @@ Run with ``python -m torch.distributed.run --nproc_per_node 2 fsdp_logprob_drive
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -81,14 +83,21 @@ def main() -> None:
         (logp * rollouts[rank].completion_mask).sum().backward()
         ref_params = dict(reference.named_parameters())
         worst = 0.0
-        for name, param in inner.named_parameters():
-            grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
-            want = ref_params[name.replace("_fsdp_wrapped_module.", "")].grad
-            worst = max(worst, float((grad - want).abs().max() / want.abs().max().clamp(min=1e-12)))
+        # FSDP1 keeps this rank's shard of each gradient: gather the full ones to compare
+        full = (contextlib.nullcontext() if mode == "fsdp2" else
+                torch.distributed.fsdp.FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True))
+        with full:
+            for name, param in inner.named_parameters():
+                grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+                want = ref_params[name.replace("_fsdp_wrapped_module.", "")].grad
+                worst = max(worst, float((grad - want).abs().max() / want.abs().max().clamp(min=1e-12)))
         report["grad_max_rel_err"] = worst
     except Exception as exc:  # what goes wrong is the finding
         report["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-    print("REPORT " + json.dumps(report), flush=True)
+    for turn in range(dist.get_world_size()):  # one rank at a time: two prints may otherwise share a line
+        if turn == rank:
+            print("REPORT " + json.dumps(report), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
 
 

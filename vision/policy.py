@@ -259,17 +259,32 @@ class VisionPolicy:
         # made below from the final hidden states, in slices. Those are read off the inner model's output
         # by a hook instead of output_hidden_states, which would keep every layer's (and the vision
         # tower's) hidden states until the call returns.
+        # The head is applied inside the wrapped forward too (a hook on the top module adds the log-probs
+        # to its output): under FSDP1 / ZeRO-3 its weight is only whole there, and as part of the forward's
+        # output the log-probs make FSDP gather it again for their backward.
         last_hidden: list[Tensor] = []
-        handle = vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0]))
+
+        def add_logprobs(module, args, output):
+            hidden = last_hidden[-1][:, prompt_length - 1:-1]
+            logp, entropy = token_logprobs(hidden, completion_ids, module.get_output_embeddings(),
+                                           temperature=rollout.temperature, chunk_size=self.logprob_chunk_size,
+                                           with_entropy=with_entropy)
+            # In the output's own ``logits`` field (one position's logits, not used): wrappers rebuild the
+            # output from its declared fields, so an extra key would be dropped on the way out.
+            output["logits"] = logp.unsqueeze(-1) if entropy is None else torch.stack([logp, entropy], dim=-1)
+            return output
+
+        handles = [vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0])),
+                   unwrap_model(model).register_forward_hook(add_logprobs)]
         try:
             with shared_image_features(model, plan):
-                model(**inputs, logits_to_keep=1, use_cache=False)
+                out = model(**inputs, logits_to_keep=1, use_cache=False)
         finally:
-            handle.remove()
-        hidden = last_hidden[-1][:, prompt_length - 1:-1]
-        head = unwrap_model(model).get_output_embeddings()
-        return token_logprobs(hidden, completion_ids, head, temperature=rollout.temperature,
-                              chunk_size=self.logprob_chunk_size, with_entropy=with_entropy)
+            for handle in handles:
+                handle.remove()
+        # The wrapper's output, not the hook's tensors: FSDP attaches its pre-backward hooks to what it returns.
+        packed = out["logits"]
+        return packed[..., 0], (packed[..., 1] if with_entropy else None)
 
     def masked_view(self, rollout: Rollout, generator: torch.Generator) -> tuple[Rollout, Tensor]:
         """PAPO's counterfactual: every image masked (``self.masking``), one mask per prompt shared by its
