@@ -39,7 +39,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.launching import accelerate_command, free_port
