@@ -224,8 +224,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
     def forward(self, x, freqs, mask: torch.Tensor | None, cache: KVCache | None = None, start: int = 0):
-        """``mask`` bool [B, 1, S, keys], True = attend; None: causal self-attention without a cache, every
-        cached key with one (a single new query per row whose keys are all valid needs no mask)."""
+        """``mask`` None: plain causal self-attention (no cache); else bool [B, 1, S, keys], True = attend."""
         b, s, _ = x.shape
         heads = self.n_head + self.n_kv_head
         qk, v = self.wqkv(x).split([heads * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
@@ -239,8 +238,7 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         p = self.attn_dropout_p if self.training else 0.0
-        causal = mask is None and cache is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, -1)))
 
 
@@ -278,7 +276,6 @@ class GPT(nn.Module):
         self._caches: list[KVCache] | None = None
         self._cache_len = 0
         self._key_mask: torch.Tensor | None = None  # [B, max_len] bool: cached keys that may be attended
-        self._all_keys_valid = True  # no padded condition token in the cache: decoding steps need no mask
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.initializer_range)
@@ -357,7 +354,7 @@ class GPT(nn.Module):
         """Free the KV caches."""
         self._caches, self._key_mask, self._cache_len = None, None, 0
 
-    def _run_cached(self, x: torch.Tensor, mask: torch.Tensor | None, return_hidden: bool) -> torch.Tensor:
+    def _run_cached(self, x: torch.Tensor, mask: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         start, s = self._cache_len, x.shape[1]
         if start + s > self._key_mask.shape[1] or x.shape[0] > self._key_mask.shape[0]:
             raise RuntimeError("KV cache too small: raise max_batch_size / max_seq_len in setup_cache()")
@@ -381,7 +378,6 @@ class GPT(nn.Module):
         self._key_mask[:b] = True
         if cond_mask is not None:
             self._key_mask[:b, :c] = cond_mask.to(self._key_mask.device, torch.bool)
-        self._all_keys_valid = bool(self._key_mask[:b].all())  # one sync per prefill, none per step
         mask = self._prefix_mask(cond_mask, b, c, x.device)
         if mask is None:  # SDPA's is_causal is wrong for cached keys; always pass a mask here
             mask = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
@@ -394,7 +390,7 @@ class GPT(nn.Module):
         if self._caches is None or self._cache_len == 0:
             raise RuntimeError("call setup_cache() and prefill() before forward_step()")
         idx = idx.reshape(-1, 1)
-        mask = None if self._all_keys_valid else self._key_mask[: idx.shape[0], None, None, : self._cache_len + 1]
+        mask = self._key_mask[: idx.shape[0], None, None, : self._cache_len + 1]
         return self._run_cached(self.tok_embeddings(idx), mask, return_hidden)
 
 

@@ -13,9 +13,8 @@ without filtering, and filtering makes the two differ in ``cfg`` mode too.
 
 Per decoding step the work is kept to the model's own: tokens are drawn by the inverse CDF (:func:`draw`, one
 uniform per row, where ``torch.multinomial`` drew an exponential per vocabulary entry), with the log-prob
-from the same pass; the output head runs on the guided hidden state (B rows, not 2B; fp32 heads); the
-model's decoding step skips the attention mask when no condition token is padded. ``bench/cfg_sampler_speed.py``
-measures tokens/s against the previous implementation.
+from the same pass; the output head runs on the guided hidden state (B rows, not 2B; fp32 heads); q and k
+share one rotary call. ``bench/cfg_sampler_speed.py`` measures tokens/s against the previous implementation.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def draw(logits: Tensor, generator: torch.Generator | None = None,
     costliest op of a sampling step). The CDF is summed in float64; −inf entries have probability 0 and are
     never drawn (the draw is capped just below the total, so a zero-probability tail cannot be hit)."""
     top = logits.amax(-1, keepdim=True)
-    weights = (logits - top).exp()
+    weights = (logits - top).exp_()  # in place on the fresh difference: one [B, V] temporary, not two
     cdf = weights.cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logits.device)
