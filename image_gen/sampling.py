@@ -64,19 +64,21 @@ def draw(logits: Tensor, generator: torch.Generator | None = None,
     """One token per row [B] from softmax(``logits`` [B, V]) by the inverse CDF, and with ``with_logp`` its
     log-prob [B]. Exactly the categorical distribution ``torch.multinomial`` samples, but from one uniform per
     row: ``multinomial`` draws an exponential for every one of the V entries (at V = 16384 that was the
-    costliest op of a sampling step). The CDF is summed in float64; −inf entries have probability 0 and are
-    never drawn (the draw is capped just below the total, so a zero-probability tail cannot be hit)."""
+    costliest op of a sampling step). The CDF is summed in float64 (float32 on MPS, which has no float64);
+    −inf entries have probability 0 and are never drawn (the draw is capped just below the total, so a
+    zero-probability tail cannot be hit)."""
     top = logits.amax(-1, keepdim=True)
     weights = (logits - top).exp_()  # in place on the fresh difference: one [B, V] temporary, not two
-    cdf = weights.cumsum(-1, dtype=torch.float64)
+    wide = torch.float32 if logits.device.type == "mps" else torch.float64
+    cdf = weights.cumsum(-1, dtype=wide)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    u = torch.rand(total.shape, generator=generator, dtype=wide, device=logits.device)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     if not with_logp:
         return token, None
     # log p = x_i − max − log Σ exp(x − max): the normaliser is the CDF's last entry, no second pass over V
-    logp = (logits.gather(-1, token[:, None]) - top).double() - total.log()
+    logp = (logits.gather(-1, token[:, None]) - top).to(wide) - total.log()
     return token, logp.squeeze(-1).to(logits.dtype)
 
 
