@@ -226,10 +226,11 @@ class Attention(nn.Module):
     def forward(self, x, freqs, mask: torch.Tensor | None, cache: KVCache | None = None, start: int = 0):
         """``mask`` None: plain causal self-attention (no cache); else bool [B, 1, S, keys], True = attend."""
         b, s, _ = x.shape
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
-        q = apply_rotary_emb(q.view(b, s, self.n_head, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rotary_emb(k.view(b, s, self.n_kv_head, self.head_dim), freqs).transpose(1, 2)
+        heads = self.n_head + self.n_kv_head
+        qk, v = self.wqkv(x).split([heads * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        # q and k are adjacent in wqkv's output: one rotary call for both (the same element-wise ops)
+        qk = apply_rotary_emb(qk.view(b, s, heads, self.head_dim), freqs).transpose(1, 2)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start, k, v)
@@ -353,7 +354,7 @@ class GPT(nn.Module):
         """Free the KV caches."""
         self._caches, self._key_mask, self._cache_len = None, None, 0
 
-    def _run_cached(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run_cached(self, x: torch.Tensor, mask: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         start, s = self._cache_len, x.shape[1]
         if start + s > self._key_mask.shape[1] or x.shape[0] > self._key_mask.shape[0]:
             raise RuntimeError("KV cache too small: raise max_batch_size / max_seq_len in setup_cache()")
@@ -363,11 +364,12 @@ class GPT(nn.Module):
         for layer, cache in zip(self.layers, self._caches):
             h = layer(h, freqs, mask, cache, start)
         self._cache_len = start + s
-        return self.output(self.norm(h[:, -1])).float()
+        h = self.norm(h[:, -1])
+        return h if return_hidden else self.output(h).float()
 
-    def prefill(self, cond: torch.Tensor, cond_mask=None, drop_cond=None) -> torch.Tensor:
+    def prefill(self, cond: torch.Tensor, cond_mask=None, drop_cond=None, return_hidden: bool = False) -> torch.Tensor:
         """Restart the cache with the condition prefix (arguments as in :meth:`forward`); return fp32
-        logits [B, vocab] for image token 0."""
+        logits [B, vocab] for image token 0 (``return_hidden``: the final-norm hidden state [B, dim] instead)."""
         if self._caches is None:
             raise RuntimeError("call setup_cache() before prefill()")
         x = self.embed_condition(cond, drop_cond)
@@ -379,16 +381,17 @@ class GPT(nn.Module):
         mask = self._prefix_mask(cond_mask, b, c, x.device)
         if mask is None:  # SDPA's is_causal is wrong for cached keys; always pass a mask here
             mask = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-        return self._run_cached(x, mask)
+        return self._run_cached(x, mask, return_hidden)
 
-    def forward_step(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward_step(self, idx: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         """Append one image token per row (idx [B] or [B, 1]) after :meth:`prefill`; return fp32 logits
-        [B, vocab] for the next image token. Matches :meth:`forward` up to float rounding."""
+        [B, vocab] for the next image token (``return_hidden``: the final-norm hidden state [B, dim]).
+        Matches :meth:`forward` up to float rounding."""
         if self._caches is None or self._cache_len == 0:
             raise RuntimeError("call setup_cache() and prefill() before forward_step()")
         idx = idx.reshape(-1, 1)
         mask = self._key_mask[: idx.shape[0], None, None, : self._cache_len + 1]
-        return self._run_cached(self.tok_embeddings(idx), mask)
+        return self._run_cached(self.tok_embeddings(idx), mask, return_hidden)
 
 
 # ---- Checkpoint loading ----

@@ -8,7 +8,7 @@ import torch
 
 from image_gen.gpt import GPT, get_config
 from image_gen.policy import ARImagePolicy
-from image_gen.sampling import cfg_logits, cfg_scales, filter_logits, sample_image_tokens, sample_next
+from image_gen.sampling import cfg_logits, cfg_scales, draw, filter_logits, sample_image_tokens, sample_next
 from image_gen.vq import build_tiny_diffusers_vq
 from mmrl.policy import Sampling
 
@@ -75,6 +75,24 @@ def test_sample_next_logp_is_the_filtered_tempered_distribution():
         assert sample_next(logits, 0.7, top_k, top_p, g)[1] is None
     token, logp = sample_next(logits, 0.0, with_logp=True)  # greedy: a point mass on the argmax
     assert token.tolist() == [0, 2] and logp.tolist() == [0.0, 0.0]
+
+
+def test_draw_is_the_categorical_distribution():
+    """The inverse-CDF draw (one uniform per row, not multinomial's one exponential per entry): empirical
+    frequencies match softmax, −inf entries (filtered tokens, here also the whole tail) are never drawn, and
+    the log-prob is log_softmax's."""
+    logits = torch.tensor([float("-inf"), 1.0, 0.0, float("-inf"), 2.0, -1.0, float("-inf"), float("-inf")])
+    rows = logits.expand(40_000, -1)
+    token, logp = draw(rows, torch.Generator().manual_seed(0), with_logp=True)
+    freq = torch.bincount(token, minlength=8).double() / len(token)
+    torch.testing.assert_close(freq, logits.double().softmax(-1), atol=0.01, rtol=0)
+    assert freq[logits.isinf()].sum() == 0
+    torch.testing.assert_close(logp, logits.log_softmax(-1)[token])
+    assert draw(rows[:2], torch.Generator().manual_seed(0))[1] is None
+    single = torch.full((3, 5), float("-inf"))
+    single[:, 4] = 0.5  # one finite entry, at the end: always drawn, with probability 1
+    token, logp = draw(single, with_logp=True)
+    assert token.tolist() == [4, 4, 4] and logp.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_sampler_logp_of_the_first_token_by_hand(gpt):
