@@ -85,8 +85,9 @@ class DynamicSampling:
     """DAPO's dynamic sampling over :func:`mmrl.group_filters.fill_batch`; its counters are per-process
     state (checkpointed) and logged as ``dynamic_sampling/*`` (cumulative)."""
 
-    def __init__(self, max_sample_batches: int):
+    def __init__(self, max_sample_batches: int, reward: str | None = None):
         self.max_sample_batches = max_sample_batches
+        self.reward = reward  # judge "all equal" on this reward function (verl's filter_groups.metric); None: total
         self.stats = group_filters.DynamicSamplingStats()
         self.last_rounds = 0
 
@@ -98,13 +99,23 @@ class DynamicSampling:
             chunk = generate()
             chunks.append(chunk)
             group_id = torch.arange(chunk.rollout.batch_size) // chunk.rollout.group_size
-            return chunk.rewards.total, group_id, len(chunks) - 1
+            judged = chunk.rewards.total if self.reward is None else self._column(chunk.rewards)
+            return judged, group_id, len(chunks) - 1
 
         before = self.stats.batches_generated
         filled = group_filters.fill_batch(generate_fn, target_groups, self.max_sample_batches, self.stats,
                                           keep_going)
         self.last_rounds = self.stats.batches_generated - before
-        return assemble(chunks, filled.parts, filled.rewards, filled.group_id)
+        # the kept samples' combined rewards (the filter may have judged one reward function)
+        totals = [chunks[c].rewards.total[index] for c, index in filled.parts]
+        rewards = torch.cat(totals) if totals else filled.rewards
+        return assemble(chunks, filled.parts, rewards, filled.group_id)
+
+    def _column(self, rewards: RewardOutput) -> Tensor:
+        if self.reward not in rewards.names:
+            raise ValueError(f"filters.dynamic_sampling_reward={self.reward!r} is not one of the rewards "
+                             f"{list(rewards.names)}")
+        return rewards.per_function[:, rewards.names.index(self.reward)]
 
     def metrics(self) -> dict[str, float]:
         return {**self.stats.metrics(), "dynamic_sampling/rounds": float(self.last_rounds)}
@@ -118,7 +129,7 @@ class DynamicSampling:
 
 def build_collector(cfg: TrainConfig) -> CollectOnce | DynamicSampling:
     if cfg.filters.dynamic_sampling:
-        return DynamicSampling(cfg.filters.max_sample_batches)
+        return DynamicSampling(cfg.filters.max_sample_batches, cfg.filters.dynamic_sampling_reward)
     return CollectOnce()
 
 

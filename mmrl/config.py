@@ -93,6 +93,7 @@ class FiltersConfig:
     mask_truncated: bool = False  # completions that hit the length limit leave the loss (TRL)
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, generate more until the batch is full
     max_sample_batches: int = 10  # dynamic sampling: at most this many generation rounds per step
+    dynamic_sampling_reward: str | None = None  # judge "all equal" on this reward (verl's metric: acc); None = total
     top_entropy_fraction: float | None = None  # train on the top q of tokens by entropy (80/20 paper: 0.2)
     gfpo_k: int | None = None  # GFPO: keep the k best of each group (None = off); 1 <= k <= group_size
     gfpo_metric: str = "length"  # length (shortest) | reward_per_token

@@ -90,6 +90,7 @@ FOREIGN_KEYS: dict[str, tuple[str | None, str, str]] = {
         "top_entropy_quantile": "the fraction of tokens kept, as TRL's (1.0 keeps all)"}),
     **_named("verl", {
         "filter_groups": "filters.dynamic_sampling", "filter_groups.enable": "filters.dynamic_sampling",
+        "filter_groups.metric": "filters.dynamic_sampling_reward",
         "max_num_gen_batches": "filters.max_sample_batches", "use_kl_in_reward": "algorithm.kl_in_reward",
         "entropy_coeff": "algorithm.entropy_coef", "clip_ratio_c": "algorithm.dual_clip",
         "overlong_buffer": "filters.overlong_cache_length", "overlong_buffer.len": "filters.overlong_cache_length",

@@ -298,6 +298,10 @@ def _check_filters(cfg: TrainConfig, p: Problems) -> None:
             p.add("filters.gfpo_quantiles", f.gfpo_quantiles, "must be strictly increasing, each in (0, 1)")
     p.number("filters.max_sample_batches", f.max_sample_batches, ge=1, integer=True,
              why="generation rounds per step for dynamic sampling")
+    if f.dynamic_sampling_reward is not None:
+        names = [r.name for r in cfg.rewards] if isinstance(cfg.rewards, list) else []
+        p.choice("filters.dynamic_sampling_reward", f.dynamic_sampling_reward, names,
+                 why="the reward whose equal values make a group uninformative; null = the combined reward")
     p.number("filters.top_entropy_fraction", f.top_entropy_fraction, gt=0, le=1, optional=True,
              why="fraction of tokens (highest entropy first) that train; null = all")
     p.number("filters.history_threshold", f.history_threshold,

@@ -220,3 +220,23 @@ def test_a_text_only_round_joins_a_round_with_images(tmp_path):
     for rows, part, alone in ((slice(0, 2), first, apart[0]), (slice(2, 4), second, apart[1])):
         length, mask = part.completion_ids.shape[1], part.completion_mask.bool()
         torch.testing.assert_close(together[rows, :length][mask], alone[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_sampling_can_judge_one_reward_function(tmp_path):
+    """verl's ``filter_groups.metric: acc``: a group whose accuracy is all equal is dropped even when a second
+    reward (format) varies; the kept batch still trains on the combined reward."""
+    cfg = make_config(tmp_path, filters__dynamic_sampling=True, filters__max_sample_batches=2,
+                      filters__dynamic_sampling_reward="scripted")
+    bundle = task.build(cfg)
+    accuracy = ScriptedReward([["const", "mixed"], ["mixed", "mixed"]], cfg.group_size)
+    trainer = Trainer(cfg, bundle.policy, bundle.train_dataset, reward_funcs=[accuracy, dense_reward],
+                      reward_weights=[1.0, 0.1])
+    assert trainer.reward_names[0] == "scripted"  # a callable's name: its __name__
+    seen = spy_updates(trainer)
+    rows = trainer.train()
+    assert rows[0]["dynamic_sampling/groups_dropped"] == 1  # the constant-accuracy group, whatever its format
+    batch = seen[0]
+    assert batch.num_groups == 2
+    texts = bundle.policy.decode(batch.rollout)
+    expected = torch.tensor([0.0, 1.0, 0.0, 1.0] * 2) + 0.1 * torch.tensor(dense_reward(None, texts))  # both "mixed"
+    torch.testing.assert_close(batch.rewards, expected)
