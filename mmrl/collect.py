@@ -39,6 +39,7 @@ class Chunk:
     rollout: Rollout
     completions: list
     rewards: RewardOutput
+    generate_s: float = 0.0  # seconds spent sampling (drawing prompts + generate)
 
 
 @dataclass

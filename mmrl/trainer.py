@@ -242,15 +242,7 @@ class Trainer(Resumable):
         self._phase("select", batch)                                  # group filters (GFPO, truncation, ...)
         batch.advantages = self._advantages(batch)                    # group-relative advantages
         self._phase("weigh", batch)                                   # per-token weights (TIS / MIS, top-entropy)
-        rollout_metrics = self._rollout_metrics(collected)
-        rollout_metrics["timing/generate_s"] = gen_time
-        shaped = batch.rewards[~torch.isnan(batch.rewards)]  # after shaping and filters ("reward" is before)
-        component_metrics = {"reward_shaped": float(shaped.mean()) if shaped.numel() else float("nan")}
-        for component in [self.collector, *self.components.values()]:
-            component_metrics.update(component.metrics())
-        rollout_metrics.update(self._mean_across_processes(component_metrics))
-        if "masked" in batch.views:
-            rollout_metrics["papo/samples_without_view"] = float((~batch.views["masked"][1]).sum())
+        rollout_metrics = self._step_metrics(collected, gen_time)     # what was generated, what each phase did
         update_metrics: dict[str, float] = {}
         self.model.train()
         for _ in range(cfg.algorithm.ppo_epochs):                     # updates on whole-group mini-batches
@@ -263,6 +255,19 @@ class Trainer(Resumable):
         self.rollout_step += 1
         return {**rollout_metrics, **update_metrics}
 
+    def _step_metrics(self, collected: Collected, gen_time: float) -> dict[str, float]:
+        batch = collected.batch
+        metrics = self._rollout_metrics(collected)
+        metrics["timing/generate_s"] = gen_time
+        shaped = batch.rewards[~torch.isnan(batch.rewards)]  # after shaping and filters ("reward" is before)
+        component_metrics = {"reward_shaped": float(shaped.mean()) if shaped.numel() else float("nan")}
+        for component in [self.collector, *self.components.values()]:
+            component_metrics.update(component.metrics())
+        metrics.update(self._mean_across_processes(component_metrics))
+        if "masked" in batch.views:
+            metrics["papo/samples_without_view"] = float((~batch.views["masked"][1]).sum())
+        return metrics
+
     def _collect(self) -> tuple[Collected, float]:
         """Generation rounds until the batch is full (:mod:`mmrl.collect`); under several processes every
         process keeps the same number of groups (the smallest), so all run the same updates."""
@@ -270,9 +275,8 @@ class Trainer(Resumable):
 
         def generate() -> Chunk:
             nonlocal gen_time
-            start = time.perf_counter()
             chunk = self._generate_chunk()
-            gen_time += time.perf_counter() - start
+            gen_time += chunk.generate_s
             return chunk
 
         collected = self.collector.collect(generate, self.config.prompts_per_step, self._any_process)
@@ -285,17 +289,19 @@ class Trainer(Resumable):
     def _generate_chunk(self) -> Chunk:
         """Sample a group per prompt (no gradient, eval mode for deterministic layers), decode, reward."""
         cfg, acc = self.config, self.accelerator
+        start = time.perf_counter()
         records = self.sampler.next_batch(self.rollout_step)  # the step picks the stage (data.stages)
         self.model.eval()
         with torch.no_grad():
             rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
+        generate_s = time.perf_counter() - start
         completions = self.policy.decode(rollout)
         rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
                                   rollout.columns, timeout=cfg.reward_timeout, names=self.reward_names,
                                   faults=self.reward_faults)
         # SRPO history resampling remembers each prompt's outcomes (a no-op when it is off)
         self.sampler.record(rewards, torch.arange(rollout.batch_size) // rollout.group_size)
-        return Chunk(rollout, completions, rewards)
+        return Chunk(rollout, completions, rewards, generate_s)
 
     def _phase(self, phase: str, batch: StepBatch) -> None:
         for component in self.components.values():
