@@ -45,8 +45,10 @@ def test_tiny_run_reports_both_sides_with_equal_tokens():
     assert set(rows) == {"mmrl", "TRL"}
     # columns: step, generate, forward, backward, other, images, completion tokens, RSS
     assert rows["mmrl"][6] == rows["TRL"][6] == "64"  # 2 prompts × 8 completions × 4 tokens
-    for cells in rows.values():
-        assert int(cells[5].split()[0]) >= 16  # at least one image per completion went through the vision tower
+    # TRL encodes each completion's copy of its image, twice (generation and forward): 2 × 16; mmrl each of
+    # the 2 unique images once per pass (generation, training forward): 2 + 2
+    assert int(rows["TRL"][5].split()[0]) == 32
+    assert int(rows["mmrl"][5].split()[0]) == 4
     assert "TRL 1." in out
     assert tracked_outputs() == before
 

@@ -13,7 +13,8 @@ from mmrl.config import load_config, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 EVAL_CONFIGS = sorted((ROOT / "eval").glob("*.yaml"))  # `mmrl eval --config`, not training configs
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p not in EVAL_CONFIGS)
+ACCELERATE_CONFIGS = sorted((ROOT / "accelerate").glob("*.yaml"))  # `accelerate launch --config_file`
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p not in EVAL_CONFIGS and p not in ACCELERATE_CONFIGS)
 
 
 def test_configs_exist():
@@ -52,3 +53,13 @@ def test_eval_config_loads(path):
 
     cfg = load_eval_config(path)
     assert cfg.benchmarks and set(cfg.benchmarks) <= set(available_benchmarks())
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_accelerate_config_is_accelerates_format(path):
+    """The launcher's files: accelerate's own keys (its ``config`` loader reads them), never a training config."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    raw = load_yaml(path)
+    assert raw["compute_environment"] == "LOCAL_MACHINE" and "distributed_type" in raw
+    ClusterConfig.from_yaml_file(str(path))  # unknown or mistyped keys raise here
