@@ -6,7 +6,6 @@ reward, the summary, and the loud failure when the two sides generate different 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_benchmarks import load_bench, tracked_outputs
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "vs_trl.py"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tracked_outputs() -> dict[str, bytes]:
-    files = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("**/*"))]
-    return {str(f): f.read_bytes() for f in files if f.is_file()}
+    return load_bench(ROOT / "bench" / f"{name}.py")
 
 
 def test_tiny_run_reports_both_sides_with_equal_tokens():

@@ -74,6 +74,19 @@ def test_family_loads_by_path_samples_and_scores(family, tmp_path):
     logp, entropy = policy.log_probs(model, rollout, with_entropy=True)
 
     # Reference: the model's own logits from one ordinary forward pass.
+    expected = plain_forward_logprobs(policy, model, rollout)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logp.detach()[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    assert entropy is not None and (entropy[mask] > 0).all()
+
+    (logp * rollout.completion_mask).sum().backward()
+    visual = [p for n, p in model.named_parameters() if "visual" in n]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in visual)
+
+
+def plain_forward_logprobs(policy, model, rollout):
+    """Log-probs of the completions from one ordinary forward pass of ``model`` over every sample's full
+    inputs (each image copy included): the reference the policy's own scoring must equal."""
     inputs = policy._model_inputs(rollout.inputs, torch.device("cpu"))
     prompt_len = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], rollout.completion_ids], 1)
@@ -82,11 +95,4 @@ def test_family_loads_by_path_samples_and_scores(family, tmp_path):
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
     with torch.no_grad():
         logits = model(**inputs).logits[:, prompt_len - 1:-1].float()
-    expected = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    mask = rollout.completion_mask.bool()
-    torch.testing.assert_close(logp.detach()[mask], expected[mask], atol=1e-5, rtol=1e-5)
-    assert entropy is not None and (entropy[mask] > 0).all()
-
-    (logp * rollout.completion_mask).sum().backward()
-    visual = [p for n, p in model.named_parameters() if "visual" in n]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in visual)
+    return logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)

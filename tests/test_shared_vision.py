@@ -19,6 +19,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mmrl.policy import Sampling
+from tests.test_model_families import plain_forward_logprobs
 from vision.masking import MaskingConfig
 from vision.modeling import TINY_TOKENIZER_DIR, build_processor, build_tiny_model, set_pixel_bounds
 from vision.policy import VisionPolicy
@@ -163,15 +164,7 @@ def test_log_probs_and_gradients_equal_encoding_every_copy(family):
     assert any(g.abs().sum() > 0 for g in visual.values())
 
     # Against the model's own logits from a plain forward pass over every copy.
-    inputs = shared._model_inputs(rollout.inputs, torch.device("cpu"))
-    prompt_len = inputs["input_ids"].shape[1]
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], rollout.completion_ids], 1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], rollout.completion_mask], 1)
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids)], 1)
-    with torch.no_grad():
-        logits = model(**inputs).logits[:, prompt_len - 1:-1].float()
-    expected = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    expected = plain_forward_logprobs(shared, model, rollout)
     torch.testing.assert_close(logp[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
 
