@@ -104,6 +104,25 @@ class ARImagePolicy:
             sampler_logp=None if sampler_logp is None else sampler_logp.cpu(),
             temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
 
+    def rollout_from_completions(self, records: list[dict], completions: list[list], sampling: Sampling) -> Rollout:
+        """A rollout of given image-token sequences (``completions[i]``: record ``i``'s group, each a sequence
+        of ``num_tokens`` VQ codes), teacher-forced: offline DPO's pairs of images."""
+        group_size = len(completions[0]) if completions else 0
+        if any(len(group) != group_size for group in completions) or len(completions) != len(records):
+            raise ValueError("rollout_from_completions needs one group of equally many completions per record")
+        tokens = torch.stack([torch.as_tensor(c, dtype=torch.long).flatten() for group in completions for c in group])
+        if tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"each completion must hold {self.num_tokens} image tokens, got {tokens.shape[1]}")
+        repeat = torch.arange(len(records)).repeat_interleave(group_size)
+        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
+        return Rollout(
+            completion_ids=tokens, completion_mask=torch.ones_like(tokens),
+            inputs=SampleInputs(tensors={k: v[repeat] for k, v in self._conditions(records).items()}),
+            prompts=[records[i].get("prompt") for i in repeat.tolist()],
+            columns={k: [records[i].get(k) for i in repeat.tolist()] for k in keys}, group_size=group_size,
+            truncated=torch.zeros(tokens.shape[0], dtype=torch.bool),
+            temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
+
     def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         inner = unwrap_model(model)
         device = inner.output.weight.device

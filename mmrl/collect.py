@@ -25,7 +25,9 @@ import torch
 
 from mmrl import algorithms, group_filters
 from mmrl.config import TrainConfig
-from mmrl.policy import Rollout
+from mmrl.objectives import objective_spec
+from mmrl.policy import Policy, Rollout, Sampling
+from mmrl.preference import preference_pairs
 from mmrl.rewards import RewardOutput
 from mmrl.step import StepBatch
 
@@ -128,10 +130,82 @@ class DynamicSampling:
         self.stats.load_state_dict(state)
 
 
-def build_collector(cfg: TrainConfig) -> CollectOnce | DynamicSampling:
+class PreferencePairs:
+    """A pairwise objective's collect phase (DPO, :mod:`mmrl.preference`): the inner collector's groups,
+    each cut to its best and worst completion by reward, as adjacent (chosen, rejected) rows — so a group
+    of ``G`` costs two rows in every later pass (reference scoring, training forward). Groups without
+    reward spread form no pair (``dpo/groups_without_pair``; with ``filters.dynamic_sampling`` more are
+    generated until the batch is full, exactly DAPO's filter)."""
+
+    def __init__(self, inner: CollectOnce | DynamicSampling):
+        self.inner = inner
+        self.last: dict[str, float] = {}
+
+    def collect(self, generate: Callable[[], Chunk], target_groups: int,
+                keep_going: Callable[[bool], bool]) -> Collected:
+        collected = self.inner.collect(generate, target_groups, keep_going)
+        batch = collected.batch
+        chosen, rejected, paired = preference_pairs(batch.rewards, batch.group_id)
+        index = torch.stack([chosen, rejected], dim=1).flatten()
+        pairs = batch.select(index)
+        pairs.group_id = torch.arange(chosen.numel()).repeat_interleave(2)
+        margin = batch.rewards[chosen] - batch.rewards[rejected]
+        self.last = {"dpo/pairs": float(chosen.numel()), "dpo/groups_without_pair": float((~paired).sum()),
+                     "dpo/reward_margin": float(margin.mean()) if margin.numel() else 0.0,
+                     "dpo/reward_chosen": float(batch.rewards[chosen].mean()) if margin.numel() else 0.0,
+                     "dpo/reward_rejected": float(batch.rewards[rejected].mean()) if margin.numel() else 0.0}
+        collected.batch = pairs
+        collected.completions = [collected.completions[i] for i in index.tolist()]
+        return collected
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.inner.metrics(), **self.last}
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state)
+
+
+def build_collector(cfg: TrainConfig) -> CollectOnce | DynamicSampling | PreferencePairs:
+    collector: CollectOnce | DynamicSampling = CollectOnce()
     if cfg.filters.dynamic_sampling:
-        return DynamicSampling(cfg.filters.max_sample_batches, cfg.filters.dynamic_sampling_reward)
-    return CollectOnce()
+        collector = DynamicSampling(cfg.filters.max_sample_batches, cfg.filters.dynamic_sampling_reward)
+    return PreferencePairs(collector) if objective_spec(cfg.algorithm.objective).pairwise else collector
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a group's completions come from
+# --------------------------------------------------------------------------------------------------
+
+
+def sampled_rollout(policy: Policy, model: torch.nn.Module, records: list[dict], group_size: int,
+                    sampling: Sampling) -> Rollout:
+    """``group_size`` completions per record, sampled from ``model`` (the default)."""
+    return policy.generate(model, records, group_size, sampling)
+
+
+def dataset_pairs_rollout(policy: Policy, model: torch.nn.Module, records: list[dict], group_size: int,
+                          sampling: Sampling) -> Rollout:
+    """Offline DPO from a preference dataset: each record's ``chosen`` and ``rejected`` completions as its
+    group of 2, teacher-forced (nothing is sampled), with a ``preference`` column (1 for chosen, 0 for
+    rejected) that the ``preference_label`` reward returns."""
+    if not hasattr(policy, "rollout_from_completions"):
+        raise ValueError(f"algorithm.pairs: dataset needs {type(policy).__name__}.rollout_from_completions")
+    missing = [i for i, r in enumerate(records) if r.get("chosen") is None or r.get("rejected") is None]
+    if missing:
+        raise ValueError(f"algorithm.pairs: dataset needs 'chosen' and 'rejected' in every record; rows at "
+                         f"batch positions {missing[:5]} lack them")
+    stripped = [{k: v for k, v in r.items() if k not in ("chosen", "rejected")} for r in records]
+    rollout = policy.rollout_from_completions(stripped, [[r["chosen"], r["rejected"]] for r in records],
+                                              sampling)
+    rollout.columns["preference"] = [1.0, 0.0] * len(records)
+    return rollout
+
+
+ROLLOUT_SOURCES: dict[str, Callable[..., Rollout]] = {"sampled": sampled_rollout, "dataset": dataset_pairs_rollout}
 
 
 def keep_groups(collected: Collected, num_groups: int) -> Collected:

@@ -43,7 +43,7 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # The policy-ratio objective (mmrl.objectives.OBJECTIVES): ppo | gspo | gspo_token | gmpo | cispo | sapo.
+    # The objective (mmrl.objectives.OBJECTIVES): ppo | gspo | gspo_token | gmpo | cispo | sapo | dpo.
     # `preset: <name>` brings each one's published clip range and aggregation.
     objective: str = "ppo"
     # How per-token losses become one number (mmrl.algorithms.LOSS_AGGREGATIONS), normalised by the whole
@@ -64,6 +64,16 @@ class AlgorithmConfig:
     kl_in_reward: bool = False  # β·KL as a per-token reward penalty (verl's use_kl_in_reward) instead of a loss term
     ref_sync_steps: int = 0  # every N optimizer updates π_ref ← α·π + (1−α)·π_ref (TRL's sync_ref_model; 0 = frozen)
     ref_sync_alpha: float = 0.6  # α of that mix (TRL's ref_model_mixup_alpha)
+    # Which weights sample the rollouts: policy | reference (semi-online DPO: the generator is synced with
+    # the policy every ref_sync_steps updates, together with the reference).
+    rollout_model: str = "policy"
+    # dpo (mmrl.preference): beta, loss (sigmoid | ipo), cDPO label smoothing, NLL on the chosen (TRL's rpo_alpha)
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0
+    dpo_nll_coef: float = 0.0
+    # dpo's pairs: sampled (best vs worst of each group) | dataset (each record's `chosen` / `rejected`)
+    pairs: str = "sampled"
     entropy_coef: float = 0.0  # entropy bonus: − c·H of the full token distribution (verl's entropy_coeff)
     ppo_epochs: int = 1  # μ: optimisation passes over each rollout batch
 
@@ -212,6 +222,17 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# DPO through the group sampling (mmrl.preference; Lanchantin et al., 2025): pairs = best vs worst of each
+# group, the reference re-synced to the policy every s updates (s = 1 online, s = 5 semi-online — rollouts
+# then come from the synced weights —, never = offline: pairs from the initial model). TRL's β = 0.1.
+_DPO = {"objective": "dpo", "loss_type": "grpo", "advantage_estimator": "preference", "beta": 0.0,
+        "ref_sync_alpha": 1.0, "ppo_epochs": 1}
+PRESETS.update({
+    "dpo_online": {"algorithm": {**_DPO, "ref_sync_steps": 1, "rollout_model": "policy"}},
+    "dpo_semi": {"algorithm": {**_DPO, "ref_sync_steps": 5, "rollout_model": "reference"}},
+    "dpo_offline": {"algorithm": {**_DPO, "ref_sync_steps": 0, "rollout_model": "reference"}},
+})
+PRESETS["dpo"] = PRESETS["dpo_online"]
 
 
 def _objective_presets() -> dict[str, dict]:

@@ -249,7 +249,7 @@ def _check_sampling(cfg: TrainConfig, p: Problems) -> None:
 
 
 def _check_algorithm(cfg: TrainConfig, p: Problems) -> None:
-    from mmrl.objectives import OBJECTIVES
+    from mmrl.objectives import DPO_LOSSES, OBJECTIVES, objective_spec
 
     a = cfg.algorithm
     p.choice("algorithm.objective", a.objective, OBJECTIVES)
@@ -271,9 +271,42 @@ def _check_algorithm(cfg: TrainConfig, p: Problems) -> None:
     p.number("algorithm.ref_sync_steps", a.ref_sync_steps, ge=0, integer=True,
              why="optimizer updates between reference refreshes; 0 = a frozen reference")
     p.number("algorithm.ref_sync_alpha", a.ref_sync_alpha, gt=0, le=1)
+    spec = objective_spec(a.objective) if a.objective in OBJECTIVES else None
+    uses_reference = spec is not None and "logps:ref" in spec.needs
     if isinstance(a.ref_sync_steps, int) and a.ref_sync_steps > 0 and isinstance(a.beta, (int, float)) \
-            and a.beta <= 0:
+            and a.beta <= 0 and not uses_reference:
         p.add("algorithm.ref_sync_steps", a.ref_sync_steps, "refreshes the KL reference: needs algorithm.beta > 0")
+    p.choice("algorithm.rollout_model", a.rollout_model, ("policy", "reference"))
+    p.number("algorithm.dpo_beta", a.dpo_beta, gt=0)
+    p.choice("algorithm.dpo_loss", a.dpo_loss, DPO_LOSSES)
+    p.number("algorithm.dpo_label_smoothing", a.dpo_label_smoothing, ge=0, lt=0.5, why="cDPO's label noise ε")
+    p.number("algorithm.dpo_nll_coef", a.dpo_nll_coef, ge=0, why="weight of the NLL on the chosen completion")
+    p.choice("algorithm.pairs", a.pairs, ("sampled", "dataset"))
+    if spec is not None and spec.pairwise:
+        _check_pairwise(cfg, p)
+    elif a.pairs != "sampled":
+        p.add("algorithm.pairs", a.pairs, f"only a pairwise objective (dpo) trains on pairs; objective is {a.objective!r}")
+
+
+def _check_pairwise(cfg: TrainConfig, p: Problems) -> None:
+    """DPO's pairs: whole pairs in every micro-batch, one mean over pairs, the chosen row told by its advantage."""
+    a = cfg.algorithm
+    if a.loss_type != "grpo":
+        p.add("algorithm.loss_type", a.loss_type, f"{a.objective} puts each pair's loss on its tokens: it needs "
+              "'grpo' (mean over sequences), which makes the loss the mean over pairs")
+    if a.advantage_estimator != "preference":
+        p.add("algorithm.advantage_estimator", a.advantage_estimator,
+              f"{a.objective} needs 'preference' (+1 chosen, -1 rejected)")
+    if isinstance(cfg.micro_batch_size, int) and cfg.micro_batch_size % 2:
+        p.add("micro_batch_size", cfg.micro_batch_size, f"{a.objective} trains on pairs: must be even")
+    if a.pairs == "dataset":
+        if cfg.group_size != 2:
+            p.add("group_size", cfg.group_size, "algorithm.pairs: dataset gives each prompt 2 completions "
+                  "(chosen, rejected): set group_size: 2")
+        names = [r.name for r in cfg.rewards] if isinstance(cfg.rewards, list) else []
+        if "preference_label" not in names:
+            p.add("rewards", names, "algorithm.pairs: dataset ranks chosen over rejected by the reward "
+                  "'preference_label' (1 / 0): add {name: preference_label}")
 
 
 def _check_filters(cfg: TrainConfig, p: Problems) -> None:

@@ -55,6 +55,9 @@ class ObjectiveParams:
       values, the defaults of verl, TRL and EasyR1).
     - ``cispo_epsilon_low`` (None = no lower bound on the CISPO weight, as the MiniMax-M1 paper and TRL;
       verl clips at 1 − ``clip_ratio_low``, its example sets it to 10, i.e. no bound either).
+    - ``dpo_beta`` (0.1, TRL's default), ``dpo_loss`` (``sigmoid`` = DPO, ``ipo`` = IPO),
+      ``dpo_label_smoothing`` (cDPO's ε, sigmoid only), ``dpo_nll_coef`` (the NLL term on the chosen
+      completion, TRL's ``rpo_alpha``; 0 = off): the ``dpo`` objective (:mod:`mmrl.preference`).
     """
 
     epsilon: float = 0.2
@@ -64,6 +67,10 @@ class ObjectiveParams:
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     cispo_epsilon_low: float | None = None
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0
+    dpo_nll_coef: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +86,14 @@ class ObjectiveParams:
             value = getattr(self, name)
             if not (0.0 < value < math.inf):
                 problems.append(f"{name} must be a finite number > 0, got {value!r}")
+        if not (0.0 < self.dpo_beta < math.inf):
+            problems.append(f"dpo_beta must be a finite number > 0, got {self.dpo_beta!r}")
+        if self.dpo_loss not in DPO_LOSSES:
+            problems.append(f"dpo_loss must be one of {list(DPO_LOSSES)}, got {self.dpo_loss!r}")
+        if not (0.0 <= self.dpo_label_smoothing < 0.5):
+            problems.append(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing!r}")
+        if not (0.0 <= self.dpo_nll_coef < math.inf):
+            problems.append(f"dpo_nll_coef must be a finite number >= 0, got {self.dpo_nll_coef!r}")
         if problems:
             raise ValueError("invalid objective parameters: " + "; ".join(problems))
 
@@ -88,21 +103,53 @@ class ObjectiveParams:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
+DPO_LOSSES = ("sigmoid", "ipo")
+
 ObjectiveFn = Callable[[Tensor, Tensor, Tensor, Tensor, ObjectiveParams], tuple[Tensor, dict[str, Tensor]]]
 
 OBJECTIVES: dict[str, ObjectiveFn] = {}
 
 
-def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator adding an objective to :data:`OBJECTIVES` under ``name`` (names are unique)."""
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What an objective needs from the step around it (the trainer reads it; no objective is special-cased).
+
+    - ``compares_to``: the named log-probs passed as the function's second argument — ``"old"`` (the
+      policy that sampled: every ratio objective; the current policy, detached, when no separate pass is
+      needed) or ``"ref"`` (the reference model: DPO's implicit reward);
+    - ``pairwise``: the rows come in adjacent (chosen, rejected) pairs, which the collect phase forms
+      from each group (:class:`mmrl.collect.PreferencePairs`).
+    """
+
+    compares_to: str = "old"
+    pairwise: bool = False
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({f"logps:{self.compares_to}"}) if self.compares_to != "old" else frozenset()
+
+
+OBJECTIVE_SPECS: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, spec: ObjectiveSpec | None = None) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator adding an objective to :data:`OBJECTIVES` under ``name`` (names are unique), with what it
+    needs (:class:`ObjectiveSpec`; default: a ratio against the sampling policy's log-probs)."""
 
     def decorate(fn: ObjectiveFn) -> ObjectiveFn:
         if name in OBJECTIVES and OBJECTIVES[name] is not fn:
             raise ValueError(f"objective {name!r} is already registered")
         OBJECTIVES[name] = fn
+        OBJECTIVE_SPECS[name] = spec or ObjectiveSpec()
         return fn
 
     return decorate
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    """The :class:`ObjectiveSpec` of the registered objective ``name``."""
+    get_objective(name)
+    return OBJECTIVE_SPECS[name]
 
 
 def get_objective(name: str) -> ObjectiveFn:
@@ -482,3 +529,7 @@ def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, loss_type: str = "
     """
     return -coef * aggregate_loss(entropy, mask, loss_type, max_completion_length, global_tokens,
                                   global_sequences)
+
+
+# DPO registers itself into the registry above (its module imports this one).
+from mmrl import preference as _preference  # noqa: E402,F401

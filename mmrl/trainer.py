@@ -40,7 +40,7 @@ from transformers import get_scheduler
 from mmrl import algorithms, checkpoint
 from mmrl.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from mmrl.checkpoint import isolated_rng
-from mmrl.collect import Chunk, Collected, build_collector, generation_metrics, keep_groups
+from mmrl.collect import ROLLOUT_SOURCES, Chunk, Collected, build_collector, generation_metrics, keep_groups
 from mmrl.components import build_components
 from mmrl.config import TrainConfig, to_dict
 from mmrl.data import make_sampler
@@ -48,7 +48,7 @@ from mmrl.evaluation import evaluate_policy
 from mmrl.faults import StopRequest, UpdateGuard
 from mmrl.logger import MetricsLogger, plot_reward_curve
 from mmrl.loss_terms import MicroBatch, build_loss_terms
-from mmrl.objectives import ObjectiveParams, get_objective
+from mmrl.objectives import ObjectiveParams, get_objective, objective_spec
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
 from mmrl.processes import use_cpu
@@ -111,15 +111,22 @@ class Trainer(Resumable):
         # Each term declares what it needs prepared; the trainer builds only that.
         alg = cfg.algorithm
         self.objective = get_objective(alg.objective)
+        self.objective_spec = objective_spec(alg.objective)  # what it compares to (old / ref log-probs)
         self.objective_params = ObjectiveParams(epsilon=alg.epsilon, epsilon_high=alg.epsilon_high,
                                                 dual_clip=alg.dual_clip, delta=alg.delta, tau_pos=alg.tau_pos,
-                                                tau_neg=alg.tau_neg)
+                                                tau_neg=alg.tau_neg, dpo_beta=alg.dpo_beta, dpo_loss=alg.dpo_loss,
+                                                dpo_label_smoothing=alg.dpo_label_smoothing,
+                                                dpo_nll_coef=alg.dpo_nll_coef)
         self.advantage_fn = ADVANTAGE_ESTIMATORS[alg.advantage_estimator]
         self.advantage_params = AdvantageParams(scale=cfg.algorithm.adv_scale)
         self.loss_terms = build_loss_terms(cfg)
-        self.collector = build_collector(cfg)  # one generation round, or DAPO's dynamic sampling
+        self.collector = build_collector(cfg)  # one generation round, or DAPO's dynamic sampling; DPO's pairs
+        self.rollout_source = ROLLOUT_SOURCES[alg.pairs]  # sampled, or a preference dataset's pairs
         self.components = build_components(cfg)  # reward shaping, group filters, per-token weights
-        self.needs = frozenset().union(*(c.needs for c in [*self.loss_terms.values(), *self.components.values()]))
+        self.needs = frozenset().union(*(c.needs for c in [*self.loss_terms.values(), *self.components.values(),
+                                                            self.objective_spec]))
+        if alg.rollout_model == "reference":  # semi-online DPO: the generator is the (periodically synced) reference
+            self.needs |= {"model:ref"}
         if "logps:sampler" in self.needs:
             if not hasattr(policy, "record_sampler_logp"):
                 raise ValueError(f"{sorted(self.components)} need the sampler's log-probs; "
@@ -138,7 +145,7 @@ class Trainer(Resumable):
         # The KL reference (mmrl.reference), built when a component needs it: a frozen copy of the starting
         # weights, or for a LoRA model the policy with its adapter disabled. ref_model: the copy, else None.
         self.reference = (Reference(model, self.accelerator.device, refreshed=alg.ref_sync_steps > 0)
-                          if "logps:ref" in self.needs else None)
+                          if self.needs & {"logps:ref", "model:ref"} else None)
         self.ref_model = self.reference.state if self.reference is not None else None
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -293,7 +300,9 @@ class Trainer(Resumable):
         records = self.sampler.next_batch(self.rollout_step)  # the step picks the stage (data.stages)
         self.model.eval()
         with torch.no_grad():
-            rollout = self.policy.generate(acc.unwrap_model(self.model), records, cfg.group_size, cfg.sampling)
+            rollout = self._with_rollout_model(
+                lambda model: self.rollout_source(self.policy, acc.unwrap_model(model), records, cfg.group_size,
+                                                  cfg.sampling))
         generate_s = time.perf_counter() - start
         completions = self.policy.decode(rollout)
         rewards = compute_rewards(self.reward_fns, self.reward_weights, rollout.prompts, completions,
@@ -302,6 +311,13 @@ class Trainer(Resumable):
         # SRPO history resampling remembers each prompt's outcomes (a no-op when it is off)
         self.sampler.record(rewards, torch.arange(rollout.batch_size) // rollout.group_size)
         return Chunk(rollout, completions, rewards, generate_s)
+
+    def _with_rollout_model(self, fn: Callable[[torch.nn.Module], Rollout]) -> Rollout:
+        """``fn(model)`` with the weights that sample (``algorithm.rollout_model``): the policy, or the
+        reference (semi-online DPO), which :meth:`Reference.score` provides."""
+        if self.config.algorithm.rollout_model == "reference":
+            return self.reference.score(fn, self.model)
+        return fn(self.model)
 
     def _phase(self, phase: str, batch: StepBatch) -> None:
         for component in self.components.values():
@@ -376,7 +392,7 @@ class Trainer(Resumable):
         """Per-token log-probs (and entropies) of the whole rollout under ``model``, micro-batch by micro-batch."""
         model.eval()
         parts = [self.policy.log_probs(model, rollout.select(i), with_entropy=with_entropy)
-                 for i in torch.arange(rollout.batch_size).split(self.config.micro_batch_size)]
+                 for i in torch.arange(rollout.batch_size).split(self.config.micro_batch_size) if i.numel()]
         logp = torch.cat([p[0] for p in parts]).detach() if parts else torch.zeros(rollout.completion_ids.shape)
         entropy = torch.cat([p[1] for p in parts]).detach() if with_entropy and parts else None
         return logp, entropy
@@ -415,7 +431,10 @@ class Trainer(Resumable):
             sync = contextlib.nullcontext() if n == len(micro) - 1 else acc.no_sync(self.model)
             with sync:
                 logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=self._entropy_mode)
-                old = part.logps["old"].to(logp.device) if "old" in part.logps else logp.detach()
+                # the log-probs the objective compares to: "old" (the sampling policy; the current one,
+                # detached, when it has not moved yet) or "ref" (DPO)
+                baseline = self.objective_spec.compares_to
+                old = part.logps[baseline].to(logp.device) if baseline in part.logps else logp.detach()
                 per_token, metrics = self.objective(logp, old, part.advantages, mask, self.objective_params)
                 weight = part.token_weight()
                 if weight is not None:

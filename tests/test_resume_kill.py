@@ -74,6 +74,10 @@ CASES = {
     "ref_sync_kl_in_reward": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "algorithm.beta=0.05", "algorithm.kl_in_reward=true", "algorithm.ref_sync_steps=2",
         "filters.top_entropy_fraction=0.5"]),
+    # semi-online DPO: rollouts from the reference, which is re-synced to the policy at update 2 (before the
+    # kill) and must come back as the synced weights, not the initial ones
+    "dpo_semi_online": Case("configs/vision/demo.yaml", VISION_SMALL + [
+        "preset=dpo_semi", "algorithm.ref_sync_steps=2", "algorithm.dpo_nll_coef=0.1"]),
     # SRPO history resampling: 4 prompts, 2 per step, so an epoch (and its drop set) turns over every 2 steps
     "srpo_history": Case("configs/vision/demo.yaml", VISION_SMALL + [
         "filters.history_resampling=true", "data.max_train_samples=4"]),

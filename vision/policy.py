@@ -233,6 +233,36 @@ class VisionPolicy:
                        group_size=group_size, truncated=truncated, sampler_logp=sampler_logp,
                        temperature=1.0 if greedy else sampling.temperature)
 
+    def rollout_from_completions(self, records: list[dict], completions: list[list[str]], sampling: Sampling) -> Rollout:
+        """A rollout of given completion texts (``completions[i]``: record ``i``'s group), teacher-forced:
+        each text tokenised as the model would write it after the chat prompt, then the end-of-turn token;
+        longer than ``sampling.max_new_tokens`` → cut there and marked truncated. Offline DPO's pairs."""
+        group_size = len(completions[0]) if completions else 0
+        if any(len(group) != group_size for group in completions) or len(completions) != len(records):
+            raise ValueError("rollout_from_completions needs one group of equally many completions per record")
+        repeat = torch.arange(len(records)).repeat_interleave(group_size)
+        stop = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        stop = stop if stop in self.eos_token_ids else self.eos_token_ids[0]
+        rows, truncated = [], []
+        for group in completions:
+            for text in group:
+                ids = self.tokenizer(str(text), add_special_tokens=False)["input_ids"] + [stop]
+                truncated.append(len(ids) > sampling.max_new_tokens)
+                rows.append(ids[:sampling.max_new_tokens])
+        length = max((len(r) for r in rows), default=0)
+        completion_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            completion_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            completion_mask[i, :len(ids)] = 1
+        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)
+        return Rollout(completion_ids=completion_ids, completion_mask=completion_mask,
+                       inputs=self.encode_prompts(records).select(repeat),
+                       prompts=[records[i]["prompt"] for i in repeat.tolist()],
+                       columns={key: [records[i].get(key) for i in repeat.tolist()] for key in keys},
+                       group_size=group_size, truncated=torch.tensor(truncated, dtype=torch.bool),
+                       temperature=sampling.temperature if sampling.temperature > 0 else 1.0)
+
     def _completion_mask(self, completion_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Mask up to and including the first stop token; ``truncated`` where no stop token appears."""
         is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids))
