@@ -20,9 +20,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,26 +131,52 @@ def check_reusable(directory: Path, expected: dict, seed: int) -> None:
 # ---------------------------------------------------------------------------------------------- running
 
 
+class SweepStopped(Exception):
+    """The sweep got SIGINT or SIGTERM; the run in progress was passed the signal and has stopped."""
+
+
 def execute(command: list[str], log_path: Path, echo: bool) -> int:
     """Run ``command``, appending its stdout and stderr to ``log_path`` (and to our stdout when ``echo``).
-    Appending keeps the output of an earlier, killed attempt of the same run."""
+    Appending keeps the output of an earlier, killed attempt of the same run.
+
+    The run gets a session of its own and each SIGINT / SIGTERM the sweep receives is passed on to it once:
+    ``mmrl train`` saves a checkpoint on the first and exits at once on the second, and a Ctrl-C in a
+    terminal must count once, not twice (it would reach both processes). Then :class:`SweepStopped`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log fills as the run goes, not at exit
+    received: list[int] = []
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+        def forward(signum: int, frame: object) -> None:
+            received.append(signum)
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # `tail -f train.log` follows the run
                 if echo:
                     sys.stdout.write(line)
                     sys.stdout.flush()
-        except BaseException:  # Ctrl-C or a kill of the sweep: the run saves a checkpoint on SIGTERM
-            proc.terminate()
-            proc.wait()
-            raise
-        return proc.wait()
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # an error here, not a signal: the run must not outlive the sweep
+                proc.kill()
+                proc.wait()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received:
+        raise SweepStopped(f"stopped by {signal.Signals(received[0]).name}; the run in progress exited with "
+                           f"code {code} (after saving a checkpoint unless signalled twice)")
+    return code
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -378,8 +406,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
     overrides = list(args.overrides) + ([f"max_steps={args.max_steps}"] if args.max_steps is not None else [])
-    return sweep(args.config, overrides, args.presets, args.seeds, Path(args.output_dir), command_line(args),
-                 force=args.force, echo=args.show_output)
+    try:
+        return sweep(args.config, overrides, args.presets, args.seeds, Path(args.output_dir), command_line(args),
+                     force=args.force, echo=args.show_output)
+    except SweepStopped as exc:
+        print(f"mmrl compare: {exc}. Run the same command again to continue the sweep.", file=sys.stderr)
+        return 130
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

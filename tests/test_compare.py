@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,11 +31,11 @@ def fake_run(directory: Path, before: float, after: float, rewards: list[float],
     (directory / "summary.json").write_text(json.dumps({"accuracy_before": before, "accuracy_after": after,
                                                         "wall_time_s": 1.0}))
     rows, step = [], 0
-    for i, (reward, length, time) in enumerate(zip(rewards, lengths, times), 1):
+    for i, (reward, length, seconds) in enumerate(zip(rewards, lengths, times), 1):
         for u in range(1, updates + 1):
             step += 1
             rows.append({"step": step, "rollout_step": i, "reward": reward, "completions/mean_length": length,
-                         "step_time": time * u / updates})
+                         "step_time": seconds * u / updates})
         if i == len(rewards) // 2:
             rows.append({"step": step, "eval/accuracy": 0.9})  # no reward: not a point of the curve
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -192,6 +197,35 @@ def test_a_run_trained_with_another_config_is_not_reused(tmp_path, monkeypatch):
     (directory / "config.json").write_text(json.dumps({**config, "seed": 1}))
     with pytest.raises(compare.ConfigError, match="max_steps: 5 in the run, 2 now"):
         sweep(out)
+
+
+CHILD = """
+import signal, sys, time
+def stop(signum, frame):
+    print("stopping after a checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_signal_to_the_sweep_reaches_the_run_once(tmp_path):
+    log = tmp_path / "train.log"
+
+    def send_when_ready() -> None:
+        deadline = time.monotonic() + 60
+        # the log's first line is the command, which contains the word too: wait for the line itself
+        while "\nready\n" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # the sweep's own process, as a scheduler would
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=send_when_ready, daemon=True).start()
+    with pytest.raises(compare.SweepStopped, match="SIGTERM.*exited with code 0"):
+        compare.execute([sys.executable, "-c", CHILD], log, echo=False)
+    assert "stopping after a checkpoint" in log.read_text()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # ---------------------------------------------------------------------------------------------- end to end
