@@ -117,12 +117,19 @@ def finished(directory: Path) -> bool:
         return False
 
 
-def check_reusable(directory: Path, expected: dict, seed: int) -> None:
-    """A stored run trained with another config would silently mix two experiments into one row."""
+def stored_differences(directory: Path, expected: dict, seed: int) -> list[str]:
     path = directory / "config.json"
     if not path.is_file():
-        return
-    differences = config_differences(json.loads(path.read_text()), {**expected, "seed": seed})
+        return []
+    try:
+        return config_differences(json.loads(path.read_text()), {**expected, "seed": seed})
+    except ValueError:  # torn by a kill before the run started: nothing of it is worth keeping
+        return ["config.json: unreadable"]
+
+
+def check_reusable(directory: Path, expected: dict, seed: int) -> None:
+    """A stored run trained with another config would silently mix two experiments into one row."""
+    differences = stored_differences(directory, expected, seed)
     if differences:
         raise ConfigError(f"{directory} was trained with another config ({'; '.join(differences[:5])}); "
                           "use --force to train it again or another --output-dir")
@@ -360,7 +367,12 @@ def sweep(config: str, overrides: list[str], presets: list[str], seeds: list[int
             record.update(run_numbers(directory))
             print(f"{prefix} reused (summary.json exists; --force trains it again)", flush=True)
         else:
-            if force and directory.exists():
+            # An unfinished run of another config (say, a crash fixed by a new override) starts again
+            # rather than resuming its checkpoint under the new settings.
+            changed = not force and stored_differences(directory, expected[preset], seed)
+            if changed:
+                print(f"{prefix} the stopped attempt had another config ({changed[0]}); starting again", flush=True)
+            if (force or changed) and directory.exists():
                 shutil.rmtree(directory)
             directory.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "mmrl.cli", "train", config,

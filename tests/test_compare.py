@@ -199,6 +199,21 @@ def test_a_run_trained_with_another_config_is_not_reused(tmp_path, monkeypatch):
         sweep(out)
 
 
+def test_an_unfinished_run_of_another_config_starts_again(tmp_path, monkeypatch, capsys):
+    fake = FakeTrain()
+    monkeypatch.setattr(compare, "execute", fake)
+    out = tmp_path / "cmp"
+    directory = compare.run_dir(out, "grpo", 0)
+    directory.mkdir(parents=True)
+    config = compare.validate(DEMO, ["max_steps=5"], ["grpo"], out)["grpo"]
+    (directory / "config.json").write_text(json.dumps(config))  # crashed before its summary
+    (directory / "checkpoint-1").mkdir()
+    assert sweep(out) == 0
+    assert "the stopped attempt had another config (max_steps: 5 in the run, 2 now); starting again" \
+        in capsys.readouterr().out
+    assert not (directory / "checkpoint-1").exists() and len(fake.commands) == 4
+
+
 CHILD = """
 import signal, sys, time
 def stop(signum, frame):
