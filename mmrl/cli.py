@@ -4,6 +4,7 @@
     mmrl train CONFIG.yaml --resume [latest|DIR]   continue a killed or preempted run exactly
     mmrl sft   CONFIG.yaml [key=value ...]   supervised cold start only; saves a model loadable by path
     mmrl rewards                            list registered reward functions
+    mmrl compare CONFIG --presets a,b --seeds 0,1   one run per preset and seed; table + reward plot (mmrl.compare)
     mmrl eval --model M --benchmarks a,b ...  VLM benchmarks (vision.evaluate; `mmrl eval -h`)
     mmrl eval-gen --model M --suite ...       image-generation evaluation (image_gen.evaluate)
 
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmrl import __version__
+from mmrl import __version__, compare
 from mmrl.checkpoint import CheckpointError
 from mmrl.config import ConfigError, load_config, load_yaml, to_dict
 from mmrl.config_checks import validate_config
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpoint in output_dir (a new run if there is none); or a checkpoint folder")
     p = sub.add_parser("rewards", help="list registered reward functions")
     p.set_defaults(fn=cmd_rewards)
+    compare.add_parser(sub)
     for name, (_module, help_text) in EVAL_COMMANDS.items():  # listed here; their flags are their own
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
