@@ -168,7 +168,11 @@ class Sampling:
 
 @runtime_checkable
 class Policy(Protocol):
-    """What a task implements to be trained by :class:`mmrl.Trainer`."""
+    """What a task implements to be trained by :class:`mmrl.Trainer`.
+
+    Optional methods, asked for only by the options that need them: ``masked_view(rollout, generator)``
+    (PAPO), ``rollout_from_completions(records, completions, sampling)`` (given completions, teacher-forced:
+    offline DPO from a preference dataset) and the ``record_sampler_logp`` flag (TIS / MIS)."""
 
     #: The trainable module. The trainer builds the optimizer over its parameters, wraps it with
     #: ``accelerate`` and passes the (possibly wrapped) module back into the methods below.

@@ -259,3 +259,24 @@ def test_offline_dpo_from_a_preference_dataset(tmp_path):
     assert batch.rewards.tolist() == [1.0, 0.0] * (batch.size // 2)
     assert rows[-1]["dpo/pairs"] == cfg.prompts_per_step
     assert math.isfinite(rows[-1]["loss"])
+
+
+def test_image_pairs_teacher_forced_score_like_sampled_ones():
+    """A pair of images is as good as a pair of texts: given token sequences score exactly as when sampled."""
+    from image_gen.gpt import GPT, get_config
+    from image_gen.policy import ARImagePolicy
+    from image_gen.vq import build_tiny_diffusers_vq
+
+    torch.manual_seed(0)
+    model = GPT(get_config("GPT-tiny", vocab_size=64, block_size=64, num_classes=5))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    policy = ARImagePolicy(model.eval(), build_tiny_diffusers_vq(), cfg_scale=2.0, logprob_mode="cfg")
+    records = [{"prompt": "a", "class_id": 1}, {"prompt": "b", "class_id": 3}]
+    sampled = policy.generate(model, records, 2, Sampling(temperature=1.0))
+    pairs = [[sampled.completion_ids[2 * i], sampled.completion_ids[2 * i + 1]] for i in range(2)]
+    given = policy.rollout_from_completions(records, pairs, Sampling(temperature=1.0))
+    assert torch.equal(given.completion_ids, sampled.completion_ids) and given.columns["class_id"] == [1, 1, 3, 3]
+    torch.testing.assert_close(policy.log_probs(model, given)[0], policy.log_probs(model, sampled)[0])
+    with pytest.raises(ValueError, match="image tokens"):
+        policy.rollout_from_completions(records[:1], [[torch.zeros(3), torch.zeros(3)]], Sampling())
