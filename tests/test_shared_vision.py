@@ -265,3 +265,70 @@ def test_generation_prefills_each_prompt_once_and_samples_the_same(family, tempe
         assert torch.equal(a.inputs.tensors["input_ids"], b.inputs.tensors["input_ids"])
         torch.testing.assert_close(shared.log_probs(model, a)[0].detach(), unshared.log_probs(model, b)[0].detach(),
                                    rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def count_lm_rows(model):
+    """(rows, positions) of every language-model forward."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        shapes.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
+def test_training_forward_scores_each_prompt_once(family):
+    """Prompt sharing in scoring: the 3 prompts run once (with their images), the 9 completions on top of
+    their KV cache — log-probs, entropies and every gradient (vision tower included) as the unshared
+    forward, for several images per prompt and a text-only prompt in one batch, and on a micro-batch whose
+    rows are not in group order."""
+    name, model, processor = family
+    shared = VisionPolicy(model, processor)
+    unshared = VisionPolicy(model, processor, share_prompt=False)
+    rollout = _sample(shared, model)
+    prompt_length, completion_length = rollout.inputs.tensors["input_ids"].shape[1], rollout.completion_ids.shape[1]
+    with count_lm_rows(model) as shapes:
+        logp, entropy, grads = _loss_and_grads(shared, model, rollout)
+    assert shapes == [(3, prompt_length), (9, completion_length - 1)]
+    with count_lm_rows(model) as shapes:
+        ref_logp, ref_entropy, ref_grads = _loss_and_grads(unshared, model, rollout)
+    assert shapes == [(9, prompt_length + completion_length)]
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logp[mask], ref_logp[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], ref_entropy[mask], rtol=1e-5, atol=1e-5)
+    _assert_same_grads(grads, ref_grads)
+    torch.testing.assert_close(logp[mask], plain_forward_logprobs(shared, model, rollout)[mask], rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(model.model)  # the swapped-in forward is gone
+
+    part = rollout.select(torch.tensor([7, 1, 4, 2, 8]))
+    with torch.no_grad(), count_lm_rows(model) as shapes:
+        a, _ = shared.log_probs(model, part)
+        b, _ = unshared.log_probs(model, part)
+    assert shapes[0][0] == 3 and shapes[1][0] == 5
+    torch.testing.assert_close(a[part.completion_mask.bool()], b[part.completion_mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_sharing_steps_aside_for_activation_checkpointing(family):
+    """A checkpointed language model cannot keep a cache under a backward: scoring runs unshared (and equal)."""
+    name, model, processor = family
+    shared = VisionPolicy(model, processor)
+    rollout = _sample(shared, model)
+    model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        with count_lm_rows(model) as shapes:
+            logp, _ = shared.log_probs(model, rollout)
+        assert shapes == [(9, rollout.inputs.tensors["input_ids"].shape[1] + rollout.completion_ids.shape[1])]
+        with torch.no_grad(), count_lm_rows(model) as shapes:  # no backward to replay: shared again
+            again, _ = shared.log_probs(model, rollout)
+        assert shapes[0][0] == 3
+    finally:
+        model.model.language_model.gradient_checkpointing_disable()
+        model.eval()
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logp.detach()[mask], again[mask], rtol=1e-5, atol=1e-5)

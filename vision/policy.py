@@ -30,6 +30,7 @@ from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
+from vision.shared_prompt import checkpointing_active, prompt_groups, shared_prompt_forward
 from vision.shared_vision import ImagePlan, plan_images, prefill_groups, shared_image_features, vision_model
 
 Tensor = torch.Tensor
@@ -79,8 +80,10 @@ class VisionPolicy:
                  masking: MaskingConfig | None = None, record_sampler_logp: bool = False,
                  share_vision: bool = True, share_prompt: bool = True):
         self.model = model
-        # Generation runs each prompt once (all but its last token) and copies its KV cache to the G rows of
-        # its group (vision.shared_vision.prefill_groups); False prefills every row. Same samples either way.
+        # Each prompt runs once per call: generation prefills it and copies its KV cache to the G rows of its
+        # group (vision.shared_vision.prefill_groups); scoring runs it once and the completions on top of its
+        # cache, with gradient (vision.shared_prompt). False runs every row. Same samples, log-probs and
+        # gradients either way.
         self.share_prompt = share_prompt
         # Encode each unique image once per forward / generate call (vision.shared_vision); False encodes
         # every sample's copy, as a reference for the tests. Results are the same either way.
@@ -275,9 +278,22 @@ class VisionPolicy:
 
     def log_probs(self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         device = next(model.parameters()).device
-        inputs, plan = self._shared_inputs(rollout.inputs, device)
         completion_ids = rollout.completion_ids.to(device)
         completion_mask = rollout.completion_mask.to(device)
+
+        def head(lm: torch.nn.Module, hidden: Tensor) -> Tensor:
+            logp, entropy = token_logprobs(hidden, completion_ids, lm.get_output_embeddings(),
+                                           temperature=rollout.temperature, chunk_size=self.logprob_chunk_size,
+                                           with_entropy=with_entropy)
+            return logp.unsqueeze(-1) if entropy is None else torch.stack([logp, entropy], dim=-1)
+
+        if self.share_prompt and completion_ids.shape[1] and not checkpointing_active(model):
+            first, row_to_prompt = prompt_groups(rollout.inputs)
+            if len(first) < rollout.batch_size:  # some prompt repeats: score it once (vision.shared_prompt)
+                prompt, plan = self._shared_inputs(rollout.inputs.select(first), device)
+                packed = shared_prompt_forward(model, prompt, plan, row_to_prompt, completion_ids, completion_mask, head)
+                return packed[..., 0], (packed[..., 1] if with_entropy else None)
+        inputs, plan = self._shared_inputs(rollout.inputs, device)
         prompt_length = inputs["input_ids"].shape[1]
         inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1)
@@ -295,13 +311,9 @@ class VisionPolicy:
         last_hidden: list[Tensor] = []
 
         def add_logprobs(module, args, output):
-            hidden = last_hidden[-1][:, prompt_length - 1:-1]
-            logp, entropy = token_logprobs(hidden, completion_ids, module.get_output_embeddings(),
-                                           temperature=rollout.temperature, chunk_size=self.logprob_chunk_size,
-                                           with_entropy=with_entropy)
             # In the output's own ``logits`` field (one position's logits, not used): wrappers rebuild the
             # output from its declared fields, so an extra key would be dropped on the way out.
-            output["logits"] = logp.unsqueeze(-1) if entropy is None else torch.stack([logp, entropy], dim=-1)
+            output["logits"] = head(module, last_hidden[-1][:, prompt_length - 1:-1])
             return output
 
         handles = [vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0])),
