@@ -203,3 +203,34 @@ def test_a_trainer_run_goes_on_with_a_garbage_judge(tmp_path):
     assert all(r["rewards/factuality/failures"] == 4.0 for r in steps)  # every judge verdict was garbage
     assert all(r["rewards/factuality_precision/failures"] == 0.0 for r in steps)  # the scene verifier works
     assert steps[-1]["reward_missing_total"] == 8.0
+
+
+def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_saying_less():
+    from pathlib import Path
+
+    from mmrl.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "vision"
+    combined = load_config(root / "describe_scene_tiny.yaml", section_types=task.SECTION_TYPES)
+    alone = load_config(root / "describe_scene_tiny_precision_only.yaml", section_types=task.SECTION_TYPES)
+    assert [r.name for r in combined.rewards] == [r.name for r in alone.rewards]
+    weights = {r.name: (r.weight, a.weight) for r, a in zip(combined.rewards, alone.rewards, strict=True)}
+    assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.1, 0.0),
+                       "factuality_relevance": (0.1, 0.0), "factuality_claims": (0.0, 0.0)}
+    full = "There are four shapes. A red circle is in the top-left. A blue square is in the center. " \
+           "A blue square is in the bottom-right. A green triangle is in the bottom-left."
+    one_slip = full.replace("green triangle", "green circle")
+    safe = "There is a shape."
+    fns = [build_reward(r.name, r.args) for r in combined.rewards]
+
+    def totals(cfg):
+        out = compute_rewards(fns, [r.weight for r in cfg.rewards], ["p"] * 3, [full, safe, one_slip],
+                              {"scene": [SCENE] * 3})
+        return out.total.tolist()
+
+    # precision alone: the full description and one safe claim tie, so nothing pays for saying more
+    assert totals(alone)[0] == totals(alone)[1] == 1.0
+    # combined: the full description wins; a slip costing two claims still ranks below the safe claim
+    full_total, safe_total, slip_total = totals(combined)
+    assert full_total == pytest.approx(1.0 + 0.1 * math.log(9) + 0.1)  # 8 distinct claims, all true
+    assert full_total > safe_total > slip_total

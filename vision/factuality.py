@@ -13,10 +13,11 @@ for talking about the image at all rather than listing safe generalities.
 
 Defaults: ``w_p = 1``, ``lambda_detail = 0.1``, ``w_r = 0.1``. The paper weighs precision, detail and a
 judge's relevance score the same way but we could not check its exact lambda / mu offline, so these are
-our values: with the 1-4 objects of ``describe_scene`` a full description has 3-9 claims, and at 0.1 the
-detail term (at most 0.1 * log 10 = 0.23) stays below what one hallucinated claim costs in precision for
-descriptions of up to ~9 claims, while still separating "There is a shape." (1 claim) from a full
-description. Override them in ``args``.
+our values: with the 1-4 objects of ``describe_scene`` a full description has 3-9 distinct claims; adding
+a false claim to ``n`` true ones costs ``1/(n+1)`` (at least 0.1 up to n = 9), adding a true one earns
+``0.1 * log((n+2)/(n+1))`` (at most 0.07), so hallucinating never pays, while the full description
+(1 + 0.1 * log 10 + 0.1 for 9 claims) still beats "There is a shape." (1 + 0.1 * log 2) — under precision
+alone the two tie at 1.0. Override them in ``args``.
 
 No claims: precision 0, not missing. A refusal or an empty answer must not be rewarded (the paper's
 concern is exactly this collapse), and a missing value would make it neutral instead of the worst in its
