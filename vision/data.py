@@ -168,9 +168,12 @@ def load_rows(
     """Raw rows of ``source`` (see ``VisionDataConfig.train``), at most ``num_samples``: a list of dicts for
     synthetic sources, else a ``datasets.Dataset`` (memory-mapped: images stay on disk until read)."""
     if source.startswith(SYNTHETIC_PREFIX):
+        from vision.describe_scene import SCENE_COLUMN_TASKS  # registers synthetic:describe_scene
         from vision.synthetic import make_synthetic  # lazy: only synthetic sources need it
 
         options = dict(synthetic_options or {})
+        if source[len(SYNTHETIC_PREFIX):] in SCENE_COLUMN_TASKS:  # its rewards check claims against the scene
+            options.setdefault("return_scene", True)
         count = options.pop("num_samples", None) or num_samples or default_synthetic_samples
         rows = make_synthetic(source[len(SYNTHETIC_PREFIX) :], split=split, num_samples=count, seed=seed, **options)
         return rows if num_samples is None else rows[:num_samples]

@@ -3,6 +3,7 @@
     mmrl eval --model PATH_OR_ID --benchmarks geometry3k,mathvista [--data mathvista=/data/MathVista]
               [--k 8 --temperature 1.0] [--output runs/eval] [--config configs/eval/x.yaml]
     mmrl eval --predictions preds.jsonl --benchmarks mathvista        # grade existing outputs, no model
+    mmrl eval ... --judge Qwen/Qwen2.5-VL-7B-Instruct   # a local model reads answers the rules find none in
 
 Generation goes through :meth:`vision.policy.VisionPolicy.generate`, the sampler training uses, on records
 built like training records (:func:`vision.benchmarks.item_record`). With ``k == 1`` decoding is greedy
@@ -13,6 +14,10 @@ Nothing is dropped silently: an item whose image or row cannot be loaded, an ite
 (scoring mode) and a prediction whose id matches no item are all scored wrong, counted in the summary
 (``errors``, ``missing``, ``unknown_ids``) and logged. Outputs in ``output``: ``predictions.jsonl``,
 ``summary.json`` (``{benchmark: {"accuracy", "n", "errors", ..., "breakdowns"}}``) and ``summary.md``.
+
+``--judge MODEL`` (:func:`vision.judge.judge_grades`): rules first; only an output in which they find no
+answer is shown to the judge, which replies "ANSWER: X" (graded like any answer) or NONE. The summary's
+``judged`` counts the outputs whose answer the judge read; garbage replies leave the output unanswered.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from tqdm.auto import tqdm
 
 from mmrl.config import ConfigError, from_dict, load_yaml
 from mmrl.data import BadSample
-from mmrl.metrics import avg_at_k, pass_at_k
 from mmrl.policy import Sampling
 from mmrl.processes import process_state
 from vision.benchmarks import (
@@ -46,10 +50,11 @@ from vision.benchmarks import (
     load_benchmark,
 )
 from vision.data import apply_template
+from vision.eval_summary import UNMATCHED, markdown_summary, summarize
+from vision.judge import judge_grades
 
 logger = logging.getLogger(__name__)
 
-UNMATCHED = "_unmatched_predictions"  # summary key for prediction rows no selected benchmark can claim
 
 
 @dataclass
@@ -75,6 +80,7 @@ class EvalRunConfig:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 1280
     grade_timeout: int = 5  # seconds per math-verify call
+    judge: Any = None  # local model (or a callable) that reads the answer where the rules find none
     progress_bar: bool = True
 
 
@@ -91,6 +97,7 @@ class ItemResult:
     correct: list[bool]
     error: str | None = None  # "image could not be loaded: ...", "no prediction", "unknown id", ...
     categories: dict = field(default_factory=dict)
+    judged: list[bool] = field(default_factory=list)  # per output: the judge, not the rules, read its answer
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -143,10 +150,15 @@ def _prompt_text(data: BenchmarkData, item: BenchmarkItem, cfg: EvalRunConfig) -
 
 
 def _graded(data: BenchmarkData, item: BenchmarkItem, cfg: EvalRunConfig, outputs: list[str]) -> ItemResult:
-    grades = [grade_answer(o, item.answers, item.answer_type, item.choices, item.precision, item.unit,
-                           cfg.grade_timeout) for o in outputs]
+    def one(text: str):
+        return grade_answer(text, item.answers, item.answer_type, item.choices, item.precision, item.unit,
+                            cfg.grade_timeout)
+
+    # rules first; with a judge, it reads only the outputs in which they found no answer
+    grades, judged = judge_grades(cfg.judge, outputs, [one(o) for o in outputs], one)
     return ItemResult(data.benchmark.name, item.id, _prompt_text(data, item, cfg), item.answer, list(outputs),
-                      [g.extracted for g in grades], [g.correct for g in grades], categories=dict(item.categories))
+                      [g.extracted for g in grades], [g.correct for g in grades], categories=dict(item.categories),
+                      judged=judged)
 
 
 def _failed(data: BenchmarkData, item: BenchmarkItem | None, index: int, error: str, cfg: EvalRunConfig) -> ItemResult:
@@ -315,69 +327,7 @@ def _warn_errors(benchmark: str, results: list[ItemResult], shown: int = 10) -> 
         logger.warning("%s: %d scored wrong for %s: %s%s", benchmark, len(ids), kind, ", ".join(ids[:shown]), more)
 
 
-# ------------------------------------------------------------------------------------------- summary
-
-
-def _correct_matrix(results: list[ItemResult], n: int) -> torch.Tensor:
-    """``[items, n]`` correctness; a result with fewer than ``n`` samples counts the rest as wrong."""
-    return torch.tensor([(r.correct + [False] * n)[:n] for r in results], dtype=torch.bool).reshape(len(results), n)
-
-
-def summarize(results: list[ItemResult], k: int, breakdowns: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Accuracy (avg@n), pass@k, error counts and per-category accuracy for one benchmark's results."""
-    n = max([k, *(len(r.correct) for r in results)])
-    k = min(k, n) if k > 1 else n
-    correct = _correct_matrix(results, n)
-    avg = avg_at_k(correct) if len(results) else torch.zeros(0)
-    summary: dict[str, Any] = {
-        "accuracy": float(avg.mean()) if len(results) else float("nan"), "n": len(results),
-        "errors": sum(1 for r in results if r.error and r.error.startswith(("load error", "generation error"))),
-        "missing": sum(1 for r in results if r.error in ("no prediction", "no output")),
-        "unknown_ids": sum(1 for r in results if r.error == "unknown id"), "samples_per_item": n,
-        # graded with fewer than n samples (scoring mode: a row with fewer outputs); the rest count as wrong
-        "incomplete": sum(1 for r in results if 0 < len(r.correct) < n)}
-    passed = pass_at_k(correct, k) if len(results) and n > 1 else None
-    if n > 1:
-        summary[f"avg@{n}"] = summary["accuracy"]
-        summary[f"pass@{k}"] = float(passed.mean()) if passed is not None else float("nan")
-    summary["breakdowns"] = _breakdowns(results, avg, passed, k, breakdowns)
-    return summary
-
-
-def _breakdowns(results, avg, passed, k, keys) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for key in keys:
-        buckets: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(results):
-            value = r.categories.get(key)
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                if v is not None and v != "":
-                    buckets[str(v)].append(i)
-        if buckets:
-            out[key] = {v: {"accuracy": float(avg[idx].mean()), "n": len(idx),
-                            **({f"pass@{k}": float(passed[idx].mean())} if passed is not None else {})}
-                        for v, idx in sorted(buckets.items())}
-    return out
-
-
-def _pct(value: float) -> str:
-    return "—" if value != value else f"{100 * value:.1f}"  # NaN (no items) shows as a dash
-
-
-def markdown_summary(summary: dict[str, dict]) -> str:
-    lines = ["| benchmark | n | accuracy (%) | pass@k (%) | errors | missing | unknown ids |", "|---|---|---|---|---|---|---|"]
-    benches = {b: s for b, s in summary.items() if b != UNMATCHED}
-    for name, s in benches.items():
-        pk = next((f"{_pct(v)} (k={key[5:]})" for key, v in s.items() if key.startswith("pass@")), "—")
-        lines.append(f"| {name} | {s['n']} | {_pct(s['accuracy'])} | {pk} | {s['errors']} | {s['missing']} "
-                     f"| {s['unknown_ids']} |")
-    if UNMATCHED in summary:
-        lines.append(f"\n{summary[UNMATCHED]['n']} prediction rows matched no benchmark item (see {UNMATCHED}).")
-    for name, s in benches.items():
-        for key, buckets in s["breakdowns"].items():
-            lines += ["", f"**{name}** by {key}", "", f"| {key} | n | accuracy (%) |", "|---|---|---|"]
-            lines += [f"| {v} | {b['n']} | {_pct(b['accuracy'])} |" for v, b in buckets.items()]
-    return "\n".join(lines) + "\n"
+# ------------------------------------------------------------------------------------------- outputs
 
 
 def write_outputs(output: str | Path, results: list[ItemResult], summary: dict) -> None:
@@ -452,13 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="grade this JSONL of outputs instead of running a model")
     p.add_argument("--template", help="prompt template override (a name or a string with {question})")
     p.add_argument("--seed", type=int)
+    p.add_argument("--judge", help="local model that reads the answer where the rules find none (summary: judged)")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {key: getattr(args, key) for key in ("model", "k", "temperature", "max_new_tokens", "batch_size",
-                                               "limit", "output", "predictions", "template", "seed")
+                                               "limit", "output", "predictions", "template", "seed", "judge")
            if getattr(args, key) is not None}
     if args.benchmarks is not None:
         out["benchmarks"] = args.benchmarks

@@ -18,6 +18,8 @@ from pathlib import Path
 from mmrl.config import TrainConfig
 from mmrl.data import Stage, Stages
 from vision import benchmarks as _benchmarks  # noqa: F401  (registers the benchmark_accuracy reward)
+from vision import describe_scene as _describe_scene  # noqa: F401  (registers synthetic:describe_scene)
+from vision import factuality as _factuality  # noqa: F401  (registers the factuality rewards)
 from vision import rewards as _rewards  # noqa: F401  (registers the vision reward functions)
 from vision.data import BENCHMARK_PREFIX, VisionDataConfig, VisionDataset, build_datasets, stage_sources
 from vision.masking import MaskingConfig
