@@ -69,6 +69,7 @@ def test_train_test_disjoint_even_up_to_equivalent_scenes():
     canon = lambda s: json.dumps(s, sort_keys=True)  # noqa: E731
     assert not {canon(r["spec"]) for r in train} & {canon(r["spec"]) for r in test}
     assert not {r["class_id"] for r in train} & {r["class_id"] for r in test}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}  # no caption text shared either
     # "a left of b" and "b right of a" are one scene: same split
     left = _spec(("red", "circle", 1), ("blue", "square", 1), relation="left of")
     right = _spec(("blue", "square", 1), ("red", "circle", 1), relation="right of")

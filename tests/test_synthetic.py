@@ -27,6 +27,8 @@ CASES = [
     ("arithmetic", {}),
     ("arithmetic", {"style": "digits", "ops": "+-*"}),
     ("arithmetic", {"style": "dots", "ops": "-", "max_operand": 6}),
+    ("single_shape", {}),
+    ("single_shape", {"ask": "shape", "num_colours": 6}),
 ]
 
 
@@ -79,6 +81,40 @@ def test_train_and_test_are_disjoint_by_scene_key(name, opts):
     # and across seeds too: the partition depends on the scene only
     other = make_synthetic(name, "train", num_samples=150, seed=1, return_scene=True, **opts)
     assert not {scene_key(name, r["scene"]) for r in other} & test_keys
+
+
+@pytest.mark.parametrize("name,opts", CASES)
+def test_held_out_pictures_never_drawn_in_train_and_distinct(name, opts):
+    # the demo's sizes: 1024 train rows, 256 held-out rows; compared as pixels, whatever the question asked
+    train = set(_image_bytes(make_synthetic(name, "train", num_samples=1024, seed=0, image_size=48, **opts)))
+    test = _image_bytes(make_synthetic(name, "test", num_samples=256, seed=0, image_size=48, **opts))
+    assert not train & set(test)
+    if (name, opts) != ("colour_at_position", {}):  # the one case whose held-out space is under 256 boards
+        assert len(set(test)) == len(test)
+
+
+def test_small_held_out_space_is_exhausted_then_reported(caplog):
+    # grid 2, 4 colours: 256 boards, 49 of them held out; all 49 are used before any repeats, new questions
+    # about them come before repeated rows, and the warning states the true counts
+    with caplog.at_level("WARNING", logger="vision.synthetic"):
+        rows = make_synthetic("colour_at_position", "test", num_samples=256, seed=0, image_size=32,
+                              return_scene=True)
+    pictures = [scene_key("colour_at_position", r["scene"]) for r in rows]
+    assert len(set(pictures[:49])) == 49 and len(set(pictures)) == 49
+    assert len({(p, r["problem"]) for p, r in zip(pictures, rows, strict=True)}) == 49 * 4
+    assert "256 rows show 49 distinct pictures (196 distinct picture+question pairs)" in caplog.text
+
+
+def test_scene_key_is_the_picture_not_the_question():
+    board = {"grid": 2, "colours": ["red", "red", "blue", "green"], "shapes": None}
+    top = {**board, "cell": 0, "question": "What colour is the top-left square?", "answer": "red"}
+    bottom = {**board, "cell": 3, "question": "What colour is the bottom-right square?", "answer": "green"}
+    assert scene_key("colour_at_position", top) == scene_key("colour_at_position", bottom)
+    dots = {"style": "dots", "a": 2, "b": 1, "colour": "red", "left": [0, 1], "right": [4]}
+    plus, minus = {**dots, "op": "+", "answer": "3"}, {**dots, "op": "-", "answer": "1"}
+    assert scene_key("arithmetic", plus) == scene_key("arithmetic", minus)  # same dots drawn
+    digits = {**dots, "style": "digits", "dx": 0, "dy": 0}
+    assert scene_key("arithmetic", {**digits, "op": "+"}) != scene_key("arithmetic", {**digits, "op": "-"})
 
 
 def test_scene_key_ignores_dict_order():

@@ -28,16 +28,26 @@ Tasks (``make_synthetic(name, ..., **task_options)``):
 
 Determinism and split guarantee. Row ``i`` is generated from its own ``random.Random`` seeded by a SHA-256
 of (task, split, seed, i): the same arguments give pixel-identical rows, rows do not depend on
-``num_samples`` (a longer dataset extends a shorter one) and train/test use unrelated streams. On top of
-that, every scene has a canonical key (:func:`scene_key`) that is hashed into a fixed partition
-(:func:`scene_split`: one fifth "test", the rest "train"); each split resamples scenes that fall in the
-other's partition, so no held-out scene configuration ever appears in train, whatever the seeds.
+``num_samples`` (a longer dataset extends a shorter one) and train/test use unrelated streams. The split is
+made over *pictures*: :func:`scene_key` is the canonical string of the parameters that draw the image (the
+question's target, e.g. which cell or colour is asked about, is left out) and :func:`scene_split` hashes it
+into a fixed partition (one fifth "test", the rest "train"); each split resamples scenes that fall in the
+other's partition. So no held-out picture is ever drawn in train, whatever the seeds or the question asked
+of it (``noise`` is drawn per row and not part of the key: a board is held out with every noise pattern).
+Held-out rows are also distinct pictures where the task's picture space allows: row ``i`` redraws (up to
+``_DISTINCT_TRIES`` times) a picture already used by rows ``< i`` — still deterministic, and still
+prefix-stable because row ``i`` only looks at earlier rows. When a small space runs out (e.g.
+``colour_at_position`` at its defaults has 51 held-out boards) rows reuse pictures, with new questions first,
+and a warning states the true number of distinct pictures. Pictures that differ only by a jitter step are
+different pictures here: ``single_shape`` train and held-out both contain e.g. a red circle, at different
+positions or sizes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,9 +55,12 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+logger = logging.getLogger(__name__)
+
 SPLITS = ("train", "test")
 _TEST_BUCKETS = 5  # scene-key hash % 5 == 0 -> held-out; 80/20 keeps train large
 _MAX_RESAMPLES = 1000
+_DISTINCT_TRIES = 64  # in-split redraws of an already used held-out picture before a repeat is accepted
 _MIN_IMAGE_SIZE = 32
 
 # Clearly distinct, saturated colours; order matters because `num_colours` takes a prefix.
@@ -80,6 +93,9 @@ class SyntheticTask:
     sample: Callable[[random.Random, dict[str, Any]], dict[str, Any]]  # scene incl. "question"/"answer"
     render: Callable[[dict[str, Any], int, dict[str, Any], random.Random], Image.Image]
     choices: Callable[[dict[str, Any]], list[str] | None]
+    # Scene fields that only shape the question, never the picture (given the scene): left out of the
+    # split key so that one picture cannot be asked about in train and in test.
+    asked: Callable[[Mapping[str, Any]], tuple[str, ...]] = lambda scene: ()
 
 
 def _digest_int(*parts: Any) -> int:
@@ -89,12 +105,18 @@ def _digest_int(*parts: Any) -> int:
 
 
 def scene_key(name: str, scene: Mapping[str, Any]) -> str:
-    """Canonical string of a scene's full parameters (not pixels); equal keys mean the same item."""
-    return json.dumps({"task": name, **scene}, sort_keys=True, separators=(",", ":"))
+    """Canonical string of the parameters that draw a scene's picture; equal keys mean the same picture.
+
+    "question", "answer" and, for a registered task, the fields only its question uses (which cell or colour
+    is asked about) are left out: the same board asked about another cell is the same image."""
+    task = SYNTHETIC_TASKS.get(name)
+    drop = {"question", "answer", *(task.asked(scene) if task is not None else ())}
+    return json.dumps({"task": name, **{k: v for k, v in scene.items() if k not in drop}},
+                      sort_keys=True, separators=(",", ":"))
 
 
 def scene_split(name: str, scene: Mapping[str, Any]) -> str:
-    """The split a scene configuration belongs to: a fixed hash partition, independent of seeds."""
+    """The split a scene's picture belongs to: a fixed hash partition, independent of seeds and questions."""
     return "test" if _digest_int("split", scene_key(name, scene)) % _TEST_BUCKETS == 0 else "train"
 
 
@@ -349,12 +371,14 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         {"max_count": 4, "max_distractors": 4, "num_colours": 4, "grid": 4, "by_shape": False},
         _count_check, _count_sample, _count_render,
         lambda o: [str(n) for n in range(o["max_count"] + 1)],
+        lambda scene: ("target", "target_shape"),
     ),
     "colour_at_position": SyntheticTask(
         "colour_at_position",
         {"grid": 2, "num_colours": 4, "shapes": False, "noise": 0.0},
         _board_check, _board_sample, _board_render,
         lambda o: list(SHAPES) if o["shapes"] else list(PALETTE)[: o["num_colours"]],
+        lambda scene: ("cell",),
     ),
     "single_shape": SyntheticTask(
         "single_shape",
@@ -367,6 +391,8 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         {"style": "dots", "ops": "+", "max_operand": None},
         _arith_check, _arith_sample, _arith_render,
         lambda o: [str(v) for v in sorted({_apply(op, a, b) for op, a, b in _operands(o)})],
+        # dots draw the two groups, not the operator: "+" and "-" on the same dots are one picture
+        lambda scene: ("op",) if scene.get("style") == "dots" else (),
     ),
 }
 
@@ -395,6 +421,38 @@ def synthetic_choices(name: str, **task_options: Any) -> list[str] | None:
     return task.choices(opts)
 
 
+def _draw_scene(task: SyntheticTask, opts: dict[str, Any], rng: random.Random, split: str,
+                used: dict[str, set[str]] | None) -> dict[str, Any]:
+    """A scene of `split`; with `used` (held-out rows so far), preferably a new picture, else a new question."""
+    repeat: tuple[dict[str, Any], str, str] | None = None  # best candidate among already used pictures
+    tries = 0
+    for _ in range(_MAX_RESAMPLES):
+        scene = task.sample(rng, opts)
+        if scene_split(task.name, scene) != split:
+            continue
+        if used is None:
+            return scene
+        picture = scene_key(task.name, scene)
+        row_key = f"{picture}|{scene['question']}"
+        if picture not in used["pictures"]:
+            break
+        # a used picture asked something new still adds a held-out item; a repeated row adds nothing
+        if repeat is None or (repeat[2] in used["rows"] and row_key not in used["rows"]):
+            repeat = (scene, picture, row_key)
+        tries += 1
+        if tries >= _DISTINCT_TRIES:
+            scene, picture, row_key = repeat
+            break
+    else:  # only reachable when the options leave almost no distinct scenes
+        if repeat is None:
+            raise RuntimeError(f"could not draw a {split!r} scene for {task.name!r} with options {opts}")
+        scene, picture, row_key = repeat
+    if used is not None:
+        used["pictures"].add(picture)
+        used["rows"].add(row_key)
+    return scene
+
+
 def make_synthetic(name: str, split: str = "train", num_samples: int = 256, seed: int = 0,
                    image_size: int = 112, *, return_scene: bool = False,
                    **task_options: Any) -> list[dict[str, Any]]:
@@ -408,14 +466,10 @@ def make_synthetic(name: str, split: str = "train", num_samples: int = 256, seed
         raise ValueError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
     choices = task.choices(opts)
     rows: list[dict[str, Any]] = []
+    used: dict[str, set[str]] | None = {"pictures": set(), "rows": set()} if split == "test" else None
     for index in range(num_samples):
         rng = random.Random(_digest_int("mmrl-synthetic", name, split, seed, index))
-        for _ in range(_MAX_RESAMPLES):
-            scene = task.sample(rng, opts)
-            if scene_split(name, scene) == split:
-                break
-        else:  # only reachable when the options leave almost no distinct scenes
-            raise RuntimeError(f"could not draw a {split!r} scene for {name!r} with options {opts}")
+        scene = _draw_scene(task, opts, rng, split, used)
         row: dict[str, Any] = {"images": [task.render(scene, image_size, opts, rng)],
                                "problem": "<image>" + scene["question"], "answer": scene["answer"],
                                "task": name}
@@ -424,4 +478,8 @@ def make_synthetic(name: str, split: str = "train", num_samples: int = 256, seed
         if return_scene:
             row["scene"] = scene
         rows.append(row)
+    if used is not None and len(used["pictures"]) < num_samples:
+        logger.warning("held-out split of %r (options %s): %d rows show %d distinct pictures (%d distinct "
+                       "picture+question pairs); the task's held-out picture space is that small",
+                       name, opts, num_samples, len(used["pictures"]), len(used["rows"]))
     return rows
