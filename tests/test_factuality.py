@@ -120,18 +120,20 @@ def test_components_and_combination_by_hand():
 
 
 def test_registered_rewards_through_compute_rewards():
-    names = ["factuality", "factuality_precision", "factuality_detail", "factuality_relevance", "factuality_claims"]
+    names = ["factuality", "factuality_precision", "factuality_detail", "factuality_relevance", "factuality_claims",
+             "factuality_supported"]
     fns = [build_reward(n) for n in names]
     completions = ["There is a red circle in the top left.", "There are four shapes.", "", "I cannot tell.",
                    [{"role": "assistant", "content": "A blue square is in the center."}]]
-    out = compute_rewards(fns, [1.0, 0.0, 0.0, 0.0, 0.0], ["p"] * 5, completions, {"scene": [SCENE] * 5})
+    out = compute_rewards(fns, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], ["p"] * 5, completions, {"scene": [SCENE] * 5})
     table = out.per_function
     # one true total count: precision 1, detail log 2, no object named -> the precision-only reward cannot tell it
     # from a real description, the combined one can
-    assert table[1].tolist() == pytest.approx([1.0 + 0.1 * math.log(2), 1.0, math.log(2), 0.0, 1.0])
-    assert table[0].tolist() == pytest.approx([1.0 + 0.1 * math.log(3) + 0.1 * 0.25, 1.0, math.log(3), 0.25, 2.0])
+    assert table[1].tolist() == pytest.approx([1.0 + 0.1 * math.log(2), 1.0, math.log(2), 0.0, 1.0, 1.0])
+    assert table[0].tolist() == pytest.approx([1.0 + 0.1 * math.log(3) + 0.1 * 0.25, 1.0, math.log(3), 0.25, 2.0,
+                                               2.0])
     # no claims (empty, refusal): 0 everywhere, the lowest reward, not missing
-    assert table[2].tolist() == table[3].tolist() == [0.0] * 5
+    assert table[2].tolist() == table[3].tolist() == [0.0] * 6
     assert table[4, 3] == pytest.approx(0.5)  # both squares are blue: a blue square names 2 of 4 objects
     assert out.failures == {}
 
@@ -246,7 +248,8 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
     assert [r.name for r in combined.rewards] == [r.name for r in alone.rewards]
     weights = {r.name: (r.weight, a.weight) for r, a in zip(combined.rewards, alone.rewards, strict=True)}
     assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.1, 0.0),
-                       "factuality_relevance": (0.1, 0.0), "factuality_claims": (0.0, 0.0)}
+                       "factuality_relevance": (0.1, 0.0), "factuality_claims": (0.0, 0.0),
+                       "factuality_supported": (0.0, 0.0)}
     full = "There are four shapes. A red circle is in the top-left. A blue square is in the center. " \
            "A blue square is in the bottom-right. A green triangle is in the bottom-left."
     one_slip = full.replace("green triangle", "green circle")

@@ -37,7 +37,8 @@ verification. ``factuality`` is the combined value in one function (for ``eval.r
 
 * ``factuality`` — the formula above (args: the weights, plus the verifier args);
 * ``factuality_precision`` / ``factuality_detail`` / ``factuality_relevance`` — one unweighted component;
-* ``factuality_claims`` — the number of claims (log it with weight 0; it is not a reward).
+* ``factuality_claims`` / ``factuality_supported`` — the number of claims / of supported claims (log them
+  with weight 0; they are not rewards: the mean of ``factuality_detail`` is no count).
 """
 
 from __future__ import annotations
@@ -154,3 +155,4 @@ _component("factuality_precision", precision)
 _component("factuality_detail", detail)
 _component("factuality_relevance", lambda v: v.relevance)
 _component("factuality_claims", lambda v: float(v.num_claims))
+_component("factuality_supported", lambda v: float(v.num_supported))
