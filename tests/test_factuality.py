@@ -247,8 +247,8 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
     alone = load_config(root / "describe_scene_tiny_precision_only.yaml", section_types=task.SECTION_TYPES)
     assert [r.name for r in combined.rewards] == [r.name for r in alone.rewards]
     weights = {r.name: (r.weight, a.weight) for r, a in zip(combined.rewards, alone.rewards, strict=True)}
-    assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.1, 0.0),
-                       "factuality_relevance": (0.1, 0.0), "factuality_claims": (0.0, 0.0),
+    assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.5, 0.0),
+                       "factuality_relevance": (0.5, 0.0), "factuality_claims": (0.0, 0.0),
                        "factuality_supported": (0.0, 0.0)}
     full = "There are four shapes. A red circle is in the top-left. A blue square is in the center. " \
            "A blue square is in the bottom-right. A green triangle is in the bottom-left."
@@ -263,8 +263,10 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
 
     # precision alone: the full description and one safe claim tie, so nothing pays for saying more
     assert totals(alone)[0] == totals(alone)[1] == 1.0
-    # combined: the full description wins; a slip costing two claims still ranks below the safe claim
+    # combined: the full description wins; a slip costing two claims ranks below it (hallucinating never
+    # pays) but, at lambda = w_r = 0.5, above one safe claim: six true claims at precision 0.75 are more detail
     full_total, safe_total, slip_total = totals(combined)
-    assert full_total == pytest.approx(1.0 + 0.1 * math.log(9) + 0.1)  # 8 distinct claims, all true
-    assert safe_total == pytest.approx(1.0 + 0.1 * math.log(2) + 0.1 * 0.25)
-    assert full_total > safe_total > slip_total
+    assert full_total == pytest.approx(1.0 + 0.5 * math.log(9) + 0.5)  # 8 distinct claims, all true
+    assert safe_total == pytest.approx(1.0 + 0.5 * math.log(2) + 0.5 * 0.25)
+    assert slip_total == pytest.approx(0.75 + 0.5 * math.log(7) + 0.5 * 0.75)
+    assert full_total > slip_total > safe_total
