@@ -112,6 +112,22 @@ def test_registry_names_and_unknown_benchmark():
         load_benchmark("mathvista", "/nonexistent/MathVista")
 
 
+def test_describe_scene_is_no_benchmark_whatever_the_import_order():
+    # describe_scene registers itself as a synthetic task when imported; imported before vision.benchmarks
+    # it used to become "synthetic_describe_scene", a benchmark exact-matching a free-text description
+    import os
+    import subprocess
+    import sys
+
+    code = ("import vision.describe_scene, vision.benchmarks as b; names = b.available_benchmarks(); "
+            "assert 'synthetic_describe_scene' not in names and 'synthetic_count_shapes' in names, names")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "synthetic_describe_scene" not in available_benchmarks()
+
+
 def test_offline_error_names_the_local_copy_option(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'AI4Math/MathVista' on the Hub (LocalEntryNotFoundError)")

@@ -64,6 +64,36 @@ def test_claims_and_their_truth(text, expected):
     assert truths(text) == expected
 
 
+@pytest.mark.parametrize("text", [
+    "There is a shape.", "There are shapes.", "There is shape shapes shapes shapes shapes",
+    "Shapes shapes shapes. Objects and things.", "There are some objects in the image.",
+    "There is shape. There is shape. There is shape.", "A shape, another shape and some items.",
+])
+def test_generic_and_degenerate_texts_make_no_claim_and_score_zero(text):
+    # true of every picture of the task, so they say nothing about this one (the collapse a first GRPO run found)
+    assert parse_claims(text) == []
+    [verdict] = SceneGraphVerifier().verify([text], [SCENE], [None])
+    assert verdict.num_claims == 0 and verdict.relevance == 0.0 and factuality.combine(verdict) == 0.0
+
+
+def test_generic_nouns_count_with_a_number_a_colour_or_a_position_and_stutters_add_nothing():
+    assert truths("There are four shapes.") == [("there are exactly 4 shape(s)", True)]
+    assert truths("There is a blue object.") == [("there is at least 1 blue shape", True)]
+    assert truths("There is a shape in the center.") == [("a shape is in the center cell", True)]
+    assert truths("There are no shapes.") == [("there are exactly 0 shape(s)", False)]
+    assert truths("There is a circle circles circles circle.") == [("there is at least 1 circle", True)]
+    assert truths("Four shapes shapes shapes. A red circle circle.") == truths("Four shapes. A red circle.")
+
+
+def test_a_good_description_keeps_all_its_claims():
+    text = ("There are four shapes. In the top left there is a red circle, a blue square is in the center "
+            "and another blue square is at the bottom right. A green triangle is in the bottom-left.")
+    claims = truths(text)
+    assert len(claims) == 8 and all(ok for _, ok in claims)
+    [verdict] = SceneGraphVerifier().verify([text], [SCENE], [None])
+    assert verdict.relevance == 1.0
+
+
 def test_repeated_claims_count_once_and_plural_mentions_get_no_position():
     claims = parse_claims("There is a red circle. There is a red circle! Two squares in the center.")
     assert claims == [Claim("exists", "red", "circle"), Claim("count", None, "square", 2)]
@@ -90,18 +120,20 @@ def test_components_and_combination_by_hand():
 
 
 def test_registered_rewards_through_compute_rewards():
-    names = ["factuality", "factuality_precision", "factuality_detail", "factuality_relevance", "factuality_claims"]
+    names = ["factuality", "factuality_precision", "factuality_detail", "factuality_relevance", "factuality_claims",
+             "factuality_supported"]
     fns = [build_reward(n) for n in names]
-    completions = ["There is a red circle in the top left.", "There is a shape.", "", "I cannot tell.",
+    completions = ["There is a red circle in the top left.", "There are four shapes.", "", "I cannot tell.",
                    [{"role": "assistant", "content": "A blue square is in the center."}]]
-    out = compute_rewards(fns, [1.0, 0.0, 0.0, 0.0, 0.0], ["p"] * 5, completions, {"scene": [SCENE] * 5})
+    out = compute_rewards(fns, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], ["p"] * 5, completions, {"scene": [SCENE] * 5})
     table = out.per_function
-    # one safe claim: precision 1, detail log 2, no object named -> the precision-only reward cannot tell it
+    # one true total count: precision 1, detail log 2, no object named -> the precision-only reward cannot tell it
     # from a real description, the combined one can
-    assert table[1].tolist() == pytest.approx([1.0 + 0.1 * math.log(2), 1.0, math.log(2), 0.0, 1.0])
-    assert table[0].tolist() == pytest.approx([1.0 + 0.1 * math.log(3) + 0.1 * 0.25, 1.0, math.log(3), 0.25, 2.0])
+    assert table[1].tolist() == pytest.approx([1.0 + 0.1 * math.log(2), 1.0, math.log(2), 0.0, 1.0, 1.0])
+    assert table[0].tolist() == pytest.approx([1.0 + 0.1 * math.log(3) + 0.1 * 0.25, 1.0, math.log(3), 0.25, 2.0,
+                                               2.0])
     # no claims (empty, refusal): 0 everywhere, the lowest reward, not missing
-    assert table[2].tolist() == table[3].tolist() == [0.0] * 5
+    assert table[2].tolist() == table[3].tolist() == [0.0] * 6
     assert table[4, 3] == pytest.approx(0.5)  # both squares are blue: a blue square names 2 of 4 objects
     assert out.failures == {}
 
@@ -215,12 +247,13 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
     alone = load_config(root / "describe_scene_tiny_precision_only.yaml", section_types=task.SECTION_TYPES)
     assert [r.name for r in combined.rewards] == [r.name for r in alone.rewards]
     weights = {r.name: (r.weight, a.weight) for r, a in zip(combined.rewards, alone.rewards, strict=True)}
-    assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.1, 0.0),
-                       "factuality_relevance": (0.1, 0.0), "factuality_claims": (0.0, 0.0)}
+    assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.5, 0.0),
+                       "factuality_relevance": (0.5, 0.0), "factuality_claims": (0.0, 0.0),
+                       "factuality_supported": (0.0, 0.0)}
     full = "There are four shapes. A red circle is in the top-left. A blue square is in the center. " \
            "A blue square is in the bottom-right. A green triangle is in the bottom-left."
     one_slip = full.replace("green triangle", "green circle")
-    safe = "There is a shape."
+    safe = "There is a red circle."  # one true claim
     fns = [build_reward(r.name, r.args) for r in combined.rewards]
 
     def totals(cfg):
@@ -230,7 +263,10 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
 
     # precision alone: the full description and one safe claim tie, so nothing pays for saying more
     assert totals(alone)[0] == totals(alone)[1] == 1.0
-    # combined: the full description wins; a slip costing two claims still ranks below the safe claim
+    # combined: the full description wins; a slip costing two claims ranks below it (hallucinating never
+    # pays) but, at lambda = w_r = 0.5, above one safe claim: six true claims at precision 0.75 are more detail
     full_total, safe_total, slip_total = totals(combined)
-    assert full_total == pytest.approx(1.0 + 0.1 * math.log(9) + 0.1)  # 8 distinct claims, all true
-    assert full_total > safe_total > slip_total
+    assert full_total == pytest.approx(1.0 + 0.5 * math.log(9) + 0.5)  # 8 distinct claims, all true
+    assert safe_total == pytest.approx(1.0 + 0.5 * math.log(2) + 0.5 * 0.25)
+    assert slip_total == pytest.approx(0.75 + 0.5 * math.log(7) + 0.5 * 0.75)
+    assert full_total > slip_total > safe_total

@@ -1,19 +1,33 @@
 """Atomic claims of a free-text scene description, and verifiers that check them.
 
 :func:`parse_claims` is a rule-based parser over a small controlled vocabulary (the colours of
-:data:`vision.synthetic.PALETTE`, circle / square / triangle, "shape" / "object", number words and digits,
-and the 3 x 3 cell names of :mod:`vision.describe_scene`). Each sentence is cut into clauses (at ``.;,``,
-"and", "while", ...); in each clause every shape noun with its determiner and colour is a *mention*:
+:data:`vision.synthetic.PALETTE`, circle / square / triangle, the generic nouns "shape" / "object" / ...,
+number words and digits, and the 3 x 3 cell names of :mod:`vision.describe_scene`). Each sentence is cut
+into clauses (at ``.;,``, "and", "while", ...); in each clause every shape noun with its determiner, number
+and colour is a *mention*. What a mention claims:
 
-* "a red circle", "the circle", "circles" — **exists** (at least one; a bare plural at least two);
-* "one red circle", "two squares", "3 shapes", "no triangles" — **count** (exactly that many);
-* a position in the same clause ("a red circle in the top left", "In the center there is a square") —
-  **position**: some matching object is in that cell. A position alone in a clause ("In the top left, ...")
-  carries over to the next clause's mention. Plural mentions get no position (which one would it be?).
+===========================================  =================================================================
+mention                                       claim
+===========================================  =================================================================
+"a red circle", "the circle", "a blue item"   **exists**: at least one (a colour or a shape word is named)
+"circles", "some red objects"                 **exists**: at least two
+"one red circle", "two squares", "3 shapes"   **count**: exactly that many ("two shapes": the total count)
+"no triangles", "there aren't any shapes"     **count**: zero (a negated clause; everything else is dropped)
+"a red circle in the top left"                **position**: some matching object is in that cell
+"a shape in the center"                       **position** only (which cell is specific, "a shape" is not)
+"a shape", "shapes", "some objects"           *nothing*: a generic noun with no number and no colour
+"shape shapes shapes", "circle circles"       *nothing more*: a noun right after a noun is a stutter
+===========================================  =================================================================
 
-Negated clauses ("there is not a red circle", "there aren't any squares") turn existence into a count of
-zero and drop everything else. Sentences that mention no shape noun assert nothing parseable and give no
-claims. Identical claims count once, so repeating a sentence adds no detail.
+A claim must be *specific* to count: "there is a shape" or "there are shapes" is true of every picture of
+this task, so it says nothing checkable about *this* image, and counting it would pay a policy for
+repeating it (GRPO on the tiny model collapsed to "There is shape shapes shapes ..." under such a parser:
+precision 1 and two supported claims for free). A generic noun counts only with a number (the total
+count, "There are two shapes", is a real claim) or a colour ("a blue object"). Positions: a position in
+the same clause ("In the center there is a square") belongs to the clause's one singular mention; a
+position alone in a clause ("In the top left, ...") carries over to the next clause's mention; plural
+mentions get no position (which one would it be?), nor do mentions sharing a clause. Sentences that
+mention no shape noun give no claims. Identical claims count once, so repeating a sentence adds no detail.
 
 :class:`Verifier` is the interface both verifiers implement: ``verify(descriptions, scenes, images)`` gives
 one :class:`Verdict` per description, or None when that description could not be checked (a judge that
@@ -87,8 +101,8 @@ def _mentions(tokens: list[str]) -> list[tuple[int, str | None, str | None, int 
     """(index, colour, shape, number or None, plural) for each shape noun of a clause."""
     found = []
     for i, tok in enumerate(tokens):
-        if tok not in _SHAPE_NOUNS:
-            continue
+        if tok not in _SHAPE_NOUNS or (i > 0 and tokens[i - 1] in _SHAPE_NOUNS):
+            continue  # not a noun, or a stutter ("shape shapes", "circle circles"): no new mention
         colour, number, j = None, None, i - 1
         while j >= 0 and (tokens[j] in _COLOURS or tokens[j] in _FILLERS):
             colour = colour or _COLOURS.get(tokens[j])
@@ -123,7 +137,7 @@ def parse_claims(text: str) -> list[Claim]:
                 continue
             if number is not None:
                 claims.append(Claim("count", colour, shape, number, text=source))
-            else:
+            elif colour is not None or shape is not None:  # "a shape", "objects": true of every picture
                 claims.append(Claim("exists", colour, shape, 2 if plural else 1, text=source))
             if cell is not None and not plural and number in (None, 1) and len(mentions) == 1:
                 claims.append(Claim("position", colour, shape, 1, cell, text=source))
@@ -171,8 +185,12 @@ class Verifier(Protocol):
 
 
 def scene_relevance(claims: Sequence[Claim], supported: Sequence[bool], scene: dict[str, Any]) -> float:
-    """Fraction of the scene's objects that a supported claim names by both colour and shape: a
-    description that talks about the picture's objects, not just "there is a shape"."""
+    """Object coverage: the fraction of the scene's objects that a supported claim names by both colour
+    and shape ("a red circle", "two blue squares"; not "no red circles"). It measures whether the text talks
+    about *this* picture's objects: a total count ("There are four shapes."), a colour alone ("a blue
+    object") or a text with no claim (a refusal, "There is shape shapes ...") scores 0, and a description
+    naming each object scores 1. Listing every colour and shape to name all objects is paid for in
+    precision."""
     objects = objects_of(scene)
     if not objects:
         return 0.0

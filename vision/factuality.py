@@ -9,15 +9,18 @@ The paper's point, reproduced by ``configs/vision/describe_scene_tiny.yaml``: op
 hacked by saying less (one safe claim scores 1.0), so the detail term pays for every *additional* supported
 claim, on a log scale so that it cannot outweigh precision (one false claim among ``n`` costs ``w_p / (n+1)``
 of precision, one more true claim gains only ``lambda_detail * log((n+2)/(n+1))``); the relevance term pays
-for talking about the image at all rather than listing safe generalities.
+for naming the image's objects (object coverage, :func:`vision.claims.scene_relevance`). Generic claims
+("there is a shape") are no claims at all (:mod:`vision.claims`), so they earn neither precision nor detail.
 
 Defaults: ``w_p = 1``, ``lambda_detail = 0.1``, ``w_r = 0.1``. The paper weighs precision, detail and a
 judge's relevance score the same way but we could not check its exact lambda / mu offline, so these are
 our values: with the 1-4 objects of ``describe_scene`` a full description has 3-9 distinct claims; adding
 a false claim to ``n`` true ones costs ``1/(n+1)`` (at least 0.1 up to n = 9), adding a true one earns
 ``0.1 * log((n+2)/(n+1))`` (at most 0.07), so hallucinating never pays, while the full description
-(1 + 0.1 * log 10 + 0.1 for 9 claims) still beats "There is a shape." (1 + 0.1 * log 2) — under precision
-alone the two tie at 1.0. Override them in ``args``.
+(1 + 0.1 * log 10 + 0.1 for 9 claims) still beats "There is a red circle." (1 + 0.1 * log 2 + 0.1 / n)
+— under precision alone the two tie at 1.0. Override them in ``args``. That argument holds for a policy that
+is already nearly right; one whose precision is low gains most by dropping claims, and on the tiny model
+0.1 did not stop that collapse while 0.5 did (README, measured table; ``describe_scene_tiny.yaml`` uses 0.5).
 
 No claims: precision 0, not missing. A refusal or an empty answer must not be rewarded (the paper's
 concern is exactly this collapse), and a missing value would make it neutral instead of the worst in its
@@ -37,7 +40,8 @@ verification. ``factuality`` is the combined value in one function (for ``eval.r
 
 * ``factuality`` — the formula above (args: the weights, plus the verifier args);
 * ``factuality_precision`` / ``factuality_detail`` / ``factuality_relevance`` — one unweighted component;
-* ``factuality_claims`` — the number of claims (log it with weight 0; it is not a reward).
+* ``factuality_claims`` / ``factuality_supported`` — the number of claims / of supported claims (log them
+  with weight 0; they are not rewards: the mean of ``factuality_detail`` is no count).
 """
 
 from __future__ import annotations
@@ -154,3 +158,4 @@ _component("factuality_precision", precision)
 _component("factuality_detail", detail)
 _component("factuality_relevance", lambda v: v.relevance)
 _component("factuality_claims", lambda v: float(v.num_claims))
+_component("factuality_supported", lambda v: float(v.num_supported))

@@ -305,9 +305,12 @@ def _register_all() -> None:
                   breakdowns=("subject", *mc, "topic_difficulty", "subfield"), source="MMMU/MMMU card; lmms-eval tasks/mmmu"),
     ):
         register_benchmark(spec)
-    from vision.synthetic import available_synthetic_tasks  # cheap: PIL only
+    from vision.describe_scene import SCENE_COLUMN_TASKS  # cheap: PIL only
+    from vision.synthetic import available_synthetic_tasks
 
-    for task in available_synthetic_tasks():
+    # Scene-column tasks (describe_scene) have no exact answer to match: a description is scored by the
+    # factuality reward against the scene, so they are no benchmark here, whatever the import order.
+    for task in sorted(set(available_synthetic_tasks()) - SCENE_COLUMN_TASKS):
         register_benchmark(Benchmark(f"synthetic_{task}", _synthetic_adapter(task), None, "test", template="answer",
                                      breakdowns=("answer",), source="vision.synthetic", make_rows=_synthetic_rows(task)))
 
