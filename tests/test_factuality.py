@@ -249,7 +249,10 @@ def test_the_two_configs_differ_only_in_the_weights_and_precision_alone_prefers_
     weights = {r.name: (r.weight, a.weight) for r, a in zip(combined.rewards, alone.rewards, strict=True)}
     assert weights == {"factuality_precision": (1.0, 1.0), "factuality_detail": (0.5, 0.0),
                        "factuality_relevance": (0.5, 0.0), "factuality_claims": (0.0, 0.0),
-                       "factuality_supported": (0.0, 0.0)}
+                       "factuality_supported": (0.0, 0.0), "factuality": (0.0, 0.0)}
+    # both are evaluated on the same held-out yardstick: the combined reward at 0.5 / 0.5
+    assert combined.eval.reward == alone.eval.reward == "factuality"
+    assert combined.rewards[-1].args == alone.rewards[-1].args == {"detail_weight": 0.5, "relevance_weight": 0.5}
     full = "There are four shapes. A red circle is in the top-left. A blue square is in the center. " \
            "A blue square is in the bottom-right. A green triangle is in the bottom-left."
     one_slip = full.replace("green triangle", "green circle")
