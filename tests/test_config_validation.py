@@ -78,8 +78,9 @@ def _in_empty_dir(tmp_path, monkeypatch):
 
 def test_every_shipped_config_is_found():
     names = {p.name for p in SHIPPED}
-    assert {"demo.yaml", "compare_tiny.yaml", "papo_grpo_tiny.yaml", "janus_pro_1b.yaml", *NEEDS_LOCAL_FILES} <= names
-    assert len(SHIPPED) == 16
+    assert {"demo.yaml", "compare_tiny.yaml", "papo_grpo_tiny.yaml", "janus_pro_1b.yaml", "describe_scene_tiny.yaml",
+            "describe_scene_tiny_precision_only.yaml", *NEEDS_LOCAL_FILES} <= names
+    assert len(SHIPPED) == 18
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -21,17 +21,20 @@ are each exactly one epoch over the same prompts, so the comparison is of the sa
 training. lr 1e-3 (the demo uses 3e-4 over 200 steps) makes the rise visible in 16 steps; 2e-3 collapsed
 the format in 2 of 8 runs (reward 0 for several steps).
 
-Measured on the 2-core CPU machine (load ≈ 2–3, OMP_NUM_THREADS=1), RL seeds 0/1/2/3 after the same cold start,
-mean training reward of the last epoch (steps 13–16) minus the first (steps 1–4):
+Measured on the 2-core CPU machine (OMP_NUM_THREADS=1, 2026-12-02, on the picture-disjoint splits), RL seeds
+0/1/2/3 after the same cold start, mean training reward of the last epoch (steps 13–16) minus the first
+(steps 1–4):
 
-    ppo         +0.218  +0.161  +0.216  +0.166
-    gspo        +0.148  +0.095  +0.124  +0.096   (45–63 % of 2nd-mini-batch sequences clipped)
-    gspo_token  +0.148  +0.095  +0.124  +0.096   (= gspo up to rounding: same value and gradient)
-    gmpo        +0.179  +0.116  +0.189  +0.134
-    cispo       +0.210  +0.160  +0.166  +0.180
-    sapo        +0.188  +0.138  +0.205  +0.138
+    ppo         +0.095  +0.039  +0.113  +0.075
+    gspo        +0.095  +0.029  +0.090  +0.070
+    gspo_token  +0.095  +0.029  +0.090  +0.070   (= gspo up to rounding: same value and gradient)
+    gmpo        +0.113  +0.086  +0.122  +0.064
+    cispo       +0.010  +0.064  +0.104  +0.050
+    sapo        +0.102  +0.097  +0.109  +0.062
 
-so the test asserts a rise of more than 0.05 (seed 0). About 16 s per objective there, plus ~10 s of cold start.
+(On the earlier, overlapping splits every objective rose by more than 0.09 at seed 0.) One seed can rise by as
+little as +0.01, so the test runs seeds 0 and 1 and asserts that their mean rise exceeds 0.02 (the smallest
+two-seed mean above is cispo's +0.037). About 16 s per objective and seed, plus ~10 s of cold start.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ OBJECTIVES = ("ppo", "gspo", "gspo_token", "gmpo", "cispo", "sapo")
 TRAIN_PROMPTS, PROMPTS_PER_STEP = 32, 8
 EPOCH = TRAIN_PROMPTS // PROMPTS_PER_STEP  # rollout steps per pass over the training prompts
 STEPS = 4 * EPOCH
-MARGIN = 0.05
+MARGIN = 0.02  # on the mean rise over SEEDS
+SEEDS = (0, 1)
 
 # The demo's task and rewards, smaller images, no algorithm values (they come from the preset).
 CONFIG = f"""
@@ -108,7 +112,16 @@ def test_every_objective_with_a_preset_is_covered():
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_objective_raises_training_reward(objective, cold_started, tmp_path):
-    cfg = load(tmp_path, objective, f"max_steps={STEPS}")
+    rises = []
+    for seed in SEEDS:
+        rises.append(_run_and_check(objective, cold_started, tmp_path / f"seed_{seed}", seed))
+    mean = sum(rises) / len(rises)
+    assert mean > MARGIN, f"{objective}: mean reward rise first -> last epoch over seeds {SEEDS}: {rises}"
+
+
+def _run_and_check(objective: str, cold_started: dict, out: Path, seed: int) -> float:
+    """One run from the cold-started weights; checks the ratios and clipping acted; the reward's rise."""
+    cfg = load(out, objective, f"max_steps={STEPS}", f"seed={seed}")
     preset = PRESETS["grpo" if objective == "ppo" else objective]["algorithm"]
     assert cfg.algorithm.objective == objective
     assert all(getattr(cfg.algorithm, key) == value for key, value in preset.items() if key != "objective")
@@ -116,7 +129,7 @@ def test_objective_raises_training_reward(objective, cold_started, tmp_path):
     bundle.policy.model.load_state_dict(cold_started)
     Trainer(cfg, bundle.policy, bundle.train_dataset).train()
 
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 2 * STEPS  # two optimizer updates per rollout step
     assert all(math.isfinite(r["loss"]) and r["update_skipped"] == 0.0 for r in rows)
     first_updates, second_updates = rows[0::2], rows[1::2]
@@ -130,8 +143,5 @@ def test_objective_raises_training_reward(objective, cold_started, tmp_path):
     if objective in ("gspo", "gspo_token"):  # the paper's 3e-4 / 4e-4 is tight: many sequences clipped
         clipped = sum(r["clip_ratio/region_mean"] for r in second_updates) / len(second_updates)
         assert clipped > 0.1, f"mean clipped fraction of 2nd-update sequences {clipped:.3f}"
-
     rewards = [r["reward"] for r in first_updates]  # one per rollout step
-    first, last = sum(rewards[:EPOCH]) / EPOCH, sum(rewards[-EPOCH:]) / EPOCH
-    assert last > first + MARGIN, (f"{objective}: mean reward first epoch {first:.3f}, last epoch {last:.3f} "
-                                   f"(per step {[round(x, 3) for x in rewards]})")
+    return sum(rewards[-EPOCH:]) / EPOCH - sum(rewards[:EPOCH]) / EPOCH

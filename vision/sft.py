@@ -33,6 +33,9 @@ class ColdStartConfig:
     save: bool = False  # also write the SFT model to <output_dir>/sft
 
 
+_UNSET = object()  # a config attribute that did not exist before the cold start
+
+
 def run_sft(model: torch.nn.Module, processor, dataset: VisionDataset, cfg: ColdStartConfig, output_dir: str | Path,
             seed: int = 0, show_progress: bool = True) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.steps`` SFT steps on ``dataset``'s prompts and answers."""
@@ -57,8 +60,27 @@ def run_sft(model: torch.nn.Module, processor, dataset: VisionDataset, cfg: Cold
         bf16=model.dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), max_length=None,
         disable_tqdm=not show_progress, dataloader_num_workers=0, remove_unused_columns=False,
     )
+    # TRL's SFTConfig turns activation checkpointing on (and use_cache off) by default and leaves it so on the
+    # model: RL would then run with a setting the user did not ask for — slower, and a resumed run (which skips
+    # the cold start) would train with the other setting. Each module's own setting is put back afterwards.
+    checkpointing = {m: (m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None))
+                     for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)}
+    configs = [c for c in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None))
+               if c is not None]
+    use_cache = [(c, vars(c).get("use_cache", _UNSET)) for c in configs]
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=processor)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        for module, (flag, func) in checkpointing.items():
+            module.gradient_checkpointing = flag
+            if func is not None:
+                module._gradient_checkpointing_func = func
+        for config, value in use_cache:
+            if value is _UNSET:
+                vars(config).pop("use_cache", None)
+            else:
+                config.use_cache = value
     # TRL/accelerate may leave an instance-level `forward` wrapper on the model that closes over *this*
     # object; a deepcopy (e.g. the RL reference model) would then still run the policy's live weights.
     model.__dict__.pop("forward", None)
