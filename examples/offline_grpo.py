@@ -26,7 +26,7 @@ What to expect
     cold start the model writes ``<answer>...</answer>`` but names the same colour for every image (22.7%
     held-out accuracy: the share of that colour in the held-out set); then it learns to look at the image:
     47.7% after the default 30 steps (seed 0, measured 2026-12-02; numbers can differ a little between
-    machines), 99.6% after 200 (the demo).
+    machines), 99.2% after 200 (the demo).
     The script prints the accuracy before and after RL, the mean training reward of the first and last
     steps, and where the run wrote its files:
 
