@@ -203,8 +203,10 @@ class KVCache:
     """Per-layer keys/values for incremental decoding; not a module, so never in ``state_dict()``."""
 
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> None:
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: a position is only ever read after ``update`` wrote it (reads stop at ``end``), so
+        # zero-filling hundreds of MB per sampling call would be pure memory traffic.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, H, S, D] at positions start..start+S-1; return all keys/values so far."""

@@ -11,9 +11,9 @@ the rollout/training mismatch corrections (TIS/MIS, :func:`mmrl.objectives.misma
 ``logprob_mode: cond`` the trainer's π_old is the *conditional* distribution, so π_old/π_sampler ≠ 1 even
 without filtering, and filtering makes the two differ in ``cfg`` mode too.
 
-Per decoding step the work is kept to the model's own: tokens are drawn by the inverse CDF (:func:`draw`, one
-uniform per row, where ``torch.multinomial`` drew an exponential per vocabulary entry), with the log-prob
-from the same pass; the output head runs on the guided hidden state (B rows, not 2B; fp32 heads); q and k
+Per decoding step the work is kept to the model's own: tokens are drawn by a two-level inverse CDF
+(:func:`draw`, one uniform per row, where ``torch.multinomial`` drew an exponential per vocabulary entry),
+with the log-prob from the same pass; the output head runs on the guided hidden state (B rows, not 2B; fp32 heads); q and k
 share one rotary call. ``bench/cfg_sampler_speed.py`` measures tokens/s against the previous implementation.
 """
 
@@ -59,25 +59,42 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+CDF_BLOCK = 128  # entries per block of the two-level inverse CDF in :func:`draw` (≈ √V at V = 16384)
+
+
 def draw(logits: Tensor, generator: torch.Generator | None = None,
          with_logp: bool = False) -> tuple[Tensor, Tensor | None]:
     """One token per row [B] from softmax(``logits`` [B, V]) by the inverse CDF, and with ``with_logp`` its
     log-prob [B]. Exactly the categorical distribution ``torch.multinomial`` samples, but from one uniform per
     row: ``multinomial`` draws an exponential for every one of the V entries (at V = 16384 that was the
-    costliest op of a sampling step). The CDF is summed in float64 (float32 on MPS, which has no float64);
-    −inf entries have probability 0 and are never drawn (the draw is capped just below the total, so a
-    zero-probability tail cannot be hit)."""
+    costliest op of a sampling step).
+
+    The CDF is two-level, in float64 (float32 on MPS, which has no float64): the V weights are summed per
+    block of :data:`CDF_BLOCK`, the uniform picks a block on the cumulative block sums, then an entry on the
+    cumulative sum inside that one block. No [B, V] float64 CDF is built — a full-length float64 cumsum and
+    its 2 MB buffer per step cost more than the sampling step's output head on a CPU. −inf entries have
+    probability 0 and are never drawn (each search is capped just below its total, and an entry is only
+    chosen where its cumulative weight rises above the draw)."""
+    batch, vocab = logits.shape
     top = logits.amax(-1, keepdim=True)
     weights = (logits - top).exp_()  # in place on the fresh difference: one [B, V] temporary, not two
     wide = torch.float32 if logits.device.type == "mps" else torch.float64
-    cdf = weights.cumsum(-1, dtype=wide)
-    total = cdf[:, -1:]
+    if vocab % CDF_BLOCK:
+        weights = torch.nn.functional.pad(weights, (0, CDF_BLOCK - vocab % CDF_BLOCK))  # zero weight
+    blocks = weights.view(batch, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(-1, dtype=wide).cumsum(-1)  # [B, V / block]
+    total = block_cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, dtype=wide, device=logits.device)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    block = torch.searchsorted(block_cdf, target, right=True)  # [B, 1]: the block whose mass covers target
+    below = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_min(0)), torch.zeros_like(target))
+    inner_cdf = blocks.gather(1, block[:, :, None].expand(-1, -1, CDF_BLOCK)).squeeze(1).cumsum(-1, dtype=wide)
+    inner_total = inner_cdf[:, -1:]  # the block's mass summed in this order (equal to block_cdf's up to rounding)
+    rest = torch.minimum(target - below, torch.nextafter(inner_total, torch.zeros_like(inner_total)))
+    token = (block * CDF_BLOCK + torch.searchsorted(inner_cdf, rest, right=True)).squeeze(-1)
     if not with_logp:
         return token, None
-    # log p = x_i − max − log Σ exp(x − max): the normaliser is the CDF's last entry, no second pass over V
+    # log p = x_i − max − log Σ exp(x − max): the normaliser is the block CDF's last entry, no second pass over V
     logp = (logits.gather(-1, token[:, None]) - top).to(wide) - total.log()
     return token, logp.squeeze(-1).to(logits.dtype)
 

@@ -95,6 +95,26 @@ def test_draw_is_the_categorical_distribution():
     assert token.tolist() == [4, 4, 4] and logp.tolist() == [0.0, 0.0, 0.0]
 
 
+def test_two_level_draw_equals_the_full_inverse_cdf():
+    """The blockwise CDF picks the same token as one float64 cumsum over the whole vocabulary, for the same
+    uniforms: V not a multiple of the block, whole blocks and the tail filtered to −inf, peaked rows."""
+    from image_gen.sampling import CDF_BLOCK
+    torch.manual_seed(0)
+    vocab = 3 * CDF_BLOCK + 37
+    logits = torch.randn(2_000, vocab) * torch.linspace(0.5, 8.0, 2_000)[:, None]
+    logits[:, CDF_BLOCK : 2 * CDF_BLOCK] = float("-inf")  # a whole block of zero mass
+    logits[::3, -37:] = float("-inf")  # the padded last block empty on some rows
+    token, logp = draw(logits, torch.Generator().manual_seed(1), with_logp=True)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp().double()
+    cdf = weights.cumsum(-1)
+    u = torch.rand(len(logits), 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = torch.searchsorted(cdf, torch.minimum(u * cdf[:, -1:], cdf[:, -1:].nextafter(torch.zeros(1))),
+                                  right=True).squeeze(-1)
+    assert torch.equal(token, expected)
+    assert torch.isfinite(logits.gather(-1, token[:, None])).all()
+    torch.testing.assert_close(logp, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
+
+
 def test_sampler_logp_of_the_first_token_by_hand(gpt):
     """The first image token's recorded log-prob against a direct forward: guided, tempered, filtered."""
     cond = torch.tensor([1, 2, 3])
