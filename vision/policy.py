@@ -30,6 +30,7 @@ from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
+from vision.decoding import sample_tokens
 from vision.shared_prompt import checkpointing_active, prompt_groups, shared_prompt_forward
 from vision.shared_vision import ImagePlan, plan_images, prefill_groups, shared_image_features, vision_model
 
@@ -78,8 +79,11 @@ class VisionPolicy:
 
     def __init__(self, model: torch.nn.Module, processor, logprob_chunk_size: int = 1024,
                  masking: MaskingConfig | None = None, record_sampler_logp: bool = False,
-                 share_vision: bool = True, share_prompt: bool = True):
+                 share_vision: bool = True, share_prompt: bool = True, lean_decoding: bool = True):
         self.model = model
+        # Sample with mmrl's own loop over the model's forward (vision.decoding); False uses transformers'
+        # model.generate. Seeded, both draw the same tokens; the loop skips generate's per-step machinery.
+        self.lean_decoding = lean_decoding
         # Each prompt runs once per call: generation prefills it and copies its KV cache to the G rows of its
         # group (vision.shared_vision.prefill_groups); scoring runs it once and the completions on top of its
         # cache, with gradient (vision.shared_prompt). False runs every row. Same samples, log-probs and
@@ -205,16 +209,46 @@ class VisionPolicy:
         repeat = torch.arange(len(records)).repeat_interleave(group_size)
         inputs = prompt_inputs.select(repeat)
         greedy = sampling.temperature <= 0
-        gen_config = self.generation_config(sampling)
         if self.share_prompt:
             # Each prompt (and its images) through the model once; its KV cache serves the G rows of its group.
             prompt_model_inputs, plan = self._shared_inputs(prompt_inputs, device)
             model_inputs, cache = prefill_groups(model, prompt_model_inputs, plan, group_size)
-            model_inputs["cache"], plan = cache, None
         else:  # each prompt's images once (not once per sample); the G rows of its group share their features
             model_inputs, plan = self._shared_inputs(inputs, device)
+            if self.lean_decoding:
+                model_inputs, cache = prefill_groups(model, model_inputs, plan, 1)
+        record_logp = self.record_sampler_logp and not greedy
+        if self.lean_decoding:  # vision.decoding: the model's forward in a loop, no per-step generate machinery
+            completion_ids, recorded = sample_tokens(
+                model, model_inputs["input_ids"], model_inputs["attention_mask"], cache, vision_model(model).rope_deltas,
+                sampling, self.eos_token_ids, self.pad_token_id, self.suppress_token_ids, record_logp)
+            completion_ids = completion_ids.cpu()
+            recorded = recorded.cpu() if recorded is not None else None
+        else:
+            completion_ids, recorded = self._generate(model, model_inputs, None if self.share_prompt else plan,
+                                                      cache if self.share_prompt else None, sampling, record_logp)
+        completion_mask, truncated = self._completion_mask(completion_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
+        sampler_logp = None
+        if self.record_sampler_logp:  # greedy: a point mass, log-prob 0
+            sampler_logp = torch.zeros(completion_ids.shape) if recorded is None else recorded
+            sampler_logp = sampler_logp.masked_fill(completion_mask == 0, 0.0)
+        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)  # union, in order
+        columns = {key: [records[i].get(key) for i in repeat.tolist()] for key in keys}
+        return Rollout(completion_ids=completion_ids, completion_mask=completion_mask, inputs=inputs,
+                       prompts=[records[i]["prompt"] for i in repeat.tolist()], columns=columns,
+                       group_size=group_size, truncated=truncated, sampler_logp=sampler_logp,
+                       temperature=1.0 if greedy else sampling.temperature)
+
+    def _generate(self, model: torch.nn.Module, model_inputs: dict[str, Tensor], plan: ImagePlan | None, cache,
+                  sampling: Sampling, record: bool) -> tuple[Tensor, Tensor | None]:
+        """The same sampling through transformers' ``model.generate`` (``lean_decoding=False``): the new
+        tokens (on CPU) and, with ``record``, the sampler's log-prob of each."""
+        gen_config = self.generation_config(sampling)
+        if cache is not None:
+            model_inputs = {**model_inputs, "cache": cache}
         prompt_length = model_inputs["input_ids"].shape[1]
-        recorder = SampledTokenLogp() if self.record_sampler_logp and not greedy else None
+        recorder = SampledTokenLogp() if record else None
         with shared_image_features(model, plan):
             if recorder is None:
                 sequences = model.generate(**model_inputs, generation_config=gen_config)
@@ -223,18 +257,7 @@ class VisionPolicy:
                 sequences = model.generate(**model_inputs, generation_config=gen_config,
                                            stopping_criteria=StoppingCriteriaList([recorder])).sequences
         completion_ids = sequences[:, prompt_length:].cpu()
-        completion_mask, truncated = self._completion_mask(completion_ids)
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
-        sampler_logp = None
-        if self.record_sampler_logp:  # greedy: a point mass, log-prob 0
-            sampler_logp = torch.zeros(completion_ids.shape) if recorder is None else recorder.logp(completion_ids.shape[1])
-            sampler_logp = sampler_logp.masked_fill(completion_mask == 0, 0.0)
-        keys = dict.fromkeys(k for record in records for k in record if k not in INPUT_KEYS)  # union, in order
-        columns = {key: [records[i].get(key) for i in repeat.tolist()] for key in keys}
-        return Rollout(completion_ids=completion_ids, completion_mask=completion_mask, inputs=inputs,
-                       prompts=[records[i]["prompt"] for i in repeat.tolist()], columns=columns,
-                       group_size=group_size, truncated=truncated, sampler_logp=sampler_logp,
-                       temperature=1.0 if greedy else sampling.temperature)
+        return completion_ids, (recorder.logp(completion_ids.shape[1]) if recorder is not None else None)
 
     def rollout_from_completions(self, records: list[dict], completions: list[list[str]], sampling: Sampling) -> Rollout:
         """A rollout of given completion texts (``completions[i]``: record ``i``'s group), teacher-forced:

@@ -1,0 +1,115 @@
+"""vision.decoding: mmrl's sampling loop draws, seeded, exactly the tokens transformers' ``model.generate``
+draws (and records the same sampler log-probs) — for tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, with
+images, several images per prompt and a text-only prompt in one batch, greedy and sampled, with top-k,
+top-p, min_new_tokens, and rows that stop at different steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mmrl.policy import Sampling
+from tests.test_shared_vision import FAMILIES, GROUP, _records, _tiny
+from vision.decoding import process_scores
+from vision.policy import VisionPolicy
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return _tiny(request.param)
+
+
+def test_process_scores_hand_computed():
+    """Logits [2, 1, 0, -1] at temperature 2 → [1, .5, 0, -.5]; top-k 3 drops -.5; the softmax of the
+    three left is ≈ [.506, .307, .186]; top-p 0.6 drops a token when the mass of the tokens at most as likely
+    as it is ≤ 1 − 0.6 = .4: .186 goes, .186 + .307 = .493 stays."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    eos, suppress = torch.tensor([0]), torch.tensor([3])
+    out = process_scores(logits, Sampling(temperature=2.0, top_k=3, top_p=0.6), 5, eos, None)
+    inf = float("-inf")
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.5, inf, inf]]))
+    # before min_new_tokens the stop token is masked; suppressed tokens always are; greedy: masks only
+    out = process_scores(logits, Sampling(temperature=0.0, min_new_tokens=2), 1, eos, suppress)
+    torch.testing.assert_close(out, torch.tensor([[inf, 1.0, 0.0, inf]]))
+    out = process_scores(logits, Sampling(temperature=0.0, min_new_tokens=2), 2, eos, suppress)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 1.0, 0.0, inf]]))
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (5, 1.0, 0.7), (0, 0.8, 1.3), (7, 0.5, 1.0)])
+def test_process_scores_equals_transformers_processors(top_k, top_p, temperature):
+    """The same scores as transformers' processors in ``generate``'s order, on random logits."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    ids = torch.zeros(6, 9, dtype=torch.long)  # 4 prompt tokens + 5 new
+    eos, suppress = [3, 11], [7, 8]
+    expected = MinNewTokensLengthLogitsProcessor(4, 6, eos)(ids, logits.clone())
+    expected = SuppressTokensLogitsProcessor(suppress)(ids, expected)
+    if temperature != 1.0:
+        expected = TemperatureLogitsWarper(temperature)(ids, expected)
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(ids, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(ids, expected)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=6)
+    got = process_scores(logits, sampling, 5, torch.tensor(eos), torch.tensor(suppress))
+    assert torch.equal(got.isinf(), expected.isinf())
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _pair(model, processor, share_prompt: bool, stop_ids: list[int] | None):
+    policies = [VisionPolicy(model, processor, record_sampler_logp=True, share_prompt=share_prompt, lean_decoding=lean)
+                for lean in (True, False)]
+    if stop_ids is not None:  # many stop tokens: rows stop at different steps
+        for policy in policies:
+            policy.eos_token_ids = stop_ids
+    return policies
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+@pytest.mark.parametrize("sampling", [
+    Sampling(max_new_tokens=8, temperature=0.0),
+    Sampling(max_new_tokens=8, temperature=1.0),
+    Sampling(max_new_tokens=8, temperature=0.8, top_k=20, top_p=0.9, min_new_tokens=3),
+], ids=["greedy", "sample", "filtered"])
+def test_loop_samples_what_generate_samples(family, share_prompt, sampling):
+    model, processor = family
+    vocab = len(processor.tokenizer)
+    for stop_ids in (None, list(range(0, vocab, 3))):
+        lean, reference = _pair(model, processor, share_prompt, stop_ids)
+        runs = []
+        for policy in (lean, reference):
+            torch.manual_seed(1)
+            runs.append(policy.generate(model, _records(), GROUP, sampling))
+        a, b = runs
+        torch.testing.assert_close(a.completion_ids, b.completion_ids, rtol=0, atol=0)
+        torch.testing.assert_close(a.completion_mask, b.completion_mask, rtol=0, atol=0)
+        assert torch.equal(a.truncated, b.truncated)
+        torch.testing.assert_close(a.sampler_logp, b.sampler_logp, rtol=1e-5, atol=1e-5)
+        if stop_ids is not None and sampling.temperature > 0 and sampling.min_new_tokens == 0:
+            assert not a.truncated.all()  # the stop path was exercised
+        if sampling.min_new_tokens:
+            assert bool((a.completion_mask.sum(1) >= sampling.min_new_tokens).all())
+
+
+def test_loop_stops_when_every_row_has_stopped(family):
+    """Every token is a stop token: one step, one token per row, no further forward."""
+    model, processor = family
+    policy = VisionPolicy(model, processor)
+    policy.eos_token_ids = list(range(len(processor.tokenizer)))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        rollout = policy.generate(model, _records(), GROUP, Sampling(max_new_tokens=8, temperature=1.0))
+    finally:
+        handle.remove()
+    assert rollout.completion_ids.shape == (len(_records()) * GROUP, 1)
+    assert len(calls) == 2  # the prefill and one decoding step

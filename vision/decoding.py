@@ -1,0 +1,95 @@
+"""The VLM's own sampling loop: the model's forward, one token per step, over a prefilled KV cache.
+
+``model.generate`` re-derives, at every step, what stays fixed through a rollout: it rebuilds the model
+inputs (``prepare_inputs_for_generation``), re-runs the logits-processor and stopping-criterion lists,
+re-checks its generation config and grows ``position_ids`` and ``attention_mask`` through generic code
+paths. For the small batches and models of RL on CPU that is a fixed ~20–25% of generation time
+(``bench/decode_loop.py``). :func:`sample_tokens` does the same work directly:
+
+* positions: the next text position of each row is its count of attended tokens minus one (left padding
+  counts nothing), plus Qwen-VL's M-RoPE offset ``rope_deltas`` that the prefill left on the inner model —
+  the same ``text position + rope_deltas`` that ``generate`` feeds Qwen2-VL / Qwen2.5-VL / Qwen3-VL once a
+  cache exists;
+* scores: fp32 logits of the last position, processed in transformers' order — the stop tokens masked
+  until ``min_new_tokens``, suppressed tokens masked, then temperature, top-k, top-p
+  (:func:`process_scores`), then ``torch.multinomial`` (or ``argmax`` when greedy) on the global RNG, as
+  ``generate`` draws; seeded, both loops sample the same tokens (``tests/test_decoding.py``);
+* rows that stopped are fed the pad token and their later positions hold it; the loop ends as soon as
+  every row has stopped, or after ``max_new_tokens``;
+* the sampler's log-prob of each drawn token (TIS/MIS) is read off the processed scores as it is drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmrl.policy import Sampling
+
+Tensor = torch.Tensor
+
+
+def process_scores(logits: Tensor, sampling: Sampling, step: int, eos_ids: Tensor, suppress_ids: Tensor | None) -> Tensor:
+    """The scores transformers' ``generate`` samples from, for fp32 ``logits [B, V]`` at decoding ``step``
+    (0-based): stop tokens at −inf while ``step < min_new_tokens``; suppressed tokens at −inf; divided by the
+    temperature; outside the top-k at −inf; outside the top-p nucleus at −inf (a token is dropped when the
+    probability mass of the tokens *less* likely than it, itself included, is at most 1 − top_p; the most
+    likely token always stays). Greedy (temperature 0) applies the masks only."""
+    if step < sampling.min_new_tokens:
+        logits = logits.index_fill(-1, eos_ids, float("-inf"))
+    if suppress_ids is not None:
+        logits = logits.index_fill(-1, suppress_ids, float("-inf"))
+    if sampling.temperature <= 0:
+        return logits
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1.0 - sampling.top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, cache, rope_deltas: Tensor,
+                  sampling: Sampling, eos_ids: list[int], pad_id: int, suppress_ids: list[int] | None = None,
+                  record_logp: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Sample completions for ``input_ids [B, L]`` whose first ``L − 1`` tokens are already in ``cache``
+    (:func:`vision.shared_vision.prefill_groups`): the loop feeds the last prompt token, then each drawn one.
+    ``rope_deltas [B, 1]``: each row's M-RoPE offset (zeros for text-only rows). Returns the new tokens
+    ``[B, T]`` (T ≤ ``max_new_tokens``; pad after a row's stop token) and, with ``record_logp``, the log-prob
+    of each under the scores it was drawn from (0 when greedy and after the stop)."""
+    device = input_ids.device
+    eos = torch.tensor(eos_ids, device=device)
+    suppress = torch.tensor(suppress_ids, device=device) if suppress_ids else None
+    greedy = sampling.temperature <= 0
+    rows = input_ids.shape[0]
+    # The whole attention mask up front; each step reads a longer prefix (no per-step concatenation).
+    prompt_length = attention_mask.shape[1]
+    mask = torch.ones(rows, prompt_length + sampling.max_new_tokens, dtype=attention_mask.dtype, device=device)
+    mask[:, :prompt_length] = attention_mask
+    position = attention_mask.sum(-1, keepdim=True) - 1 + rope_deltas.to(device)
+    tokens = torch.full((rows, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(rows, sampling.max_new_tokens, device=device) if record_logp else None
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    feed = input_ids[:, -1:]
+    steps = 0
+    for step in range(sampling.max_new_tokens):
+        out = model(input_ids=feed, attention_mask=mask[:, :prompt_length + step], position_ids=position,
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        scores = process_scores(out.logits[:, -1].float(), sampling, step, eos, suppress)
+        drawn = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        if logps is not None and not greedy:
+            logps[:, step] = scores.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(1).masked_fill(~running, 0.0)
+        drawn = drawn.masked_fill(~running, pad_id)
+        tokens[:, step] = drawn
+        running &= ~torch.isin(drawn, eos)
+        steps = step + 1
+        if not running.any():
+            break
+        feed, position = drawn[:, None], position + 1
+    return tokens[:, :steps], (logps[:, :steps] if logps is not None else None)
