@@ -113,3 +113,50 @@ def test_loop_stops_when_every_row_has_stopped(family):
         handle.remove()
     assert rollout.completion_ids.shape == (len(_records()) * GROUP, 1)
     assert len(calls) == 2  # the prefill and one decoding step
+
+
+class _StopAt(torch.nn.Module):
+    """A stand-in model: the stop token (0) is certain from forward call ``stop_at`` on; counts its calls."""
+
+    def __init__(self, stop_at: int, vocab: int = 5):
+        super().__init__()
+        self.stop_at, self.vocab, self.calls = stop_at, vocab, 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, cache=None, **kwargs):
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[..., 0] = 100.0 if self.calls >= self.stop_at else -100.0
+        self.calls += 1
+        return type("Out", (), {"logits": logits, "cache": cache})()
+
+
+def _synced_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    import vision.decoding as decoding
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        decoding._sharded = lambda model: True  # as under FSDP / ZeRO-3: every forward is a collective
+        model = _StopAt(stop_at=1 if rank == 0 else 4)
+        torch.manual_seed(rank)
+        tokens, _ = decoding.sample_tokens(model, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                                           None, torch.zeros(2, 1, dtype=torch.long), Sampling(max_new_tokens=8),
+                                           eos_ids=[0], pad_id=4)
+        results[rank] = (model.calls, tokens.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_processes_keep_stepping_until_all_have_stopped():
+    """Under sharded weights a process whose rows stopped keeps calling the model (collective forwards)
+    until every process has stopped; its completions still end at its own stop."""
+    import torch.multiprocessing as mp
+
+    from tests.launching import free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_synced_worker, args=(free_port(), results), nprocs=2)
+    assert results[0][0] == results[1][0] == 5  # both stepped until rank 1's rows stopped at its 5th call
+    assert [len(row) for row in results[0][1]] == [2, 2]  # rank 0: one token, then the stop token
+    assert all(row[-1] == 0 for row in results[1][1]) and len(results[1][1][0]) == 5

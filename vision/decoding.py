@@ -16,12 +16,18 @@ paths. For the small batches and models of RL on CPU that is a fixed ~20–25% o
   ``generate`` draws; seeded, both loops sample the same tokens (``tests/test_decoding.py``);
 * rows that stopped are fed the pad token and their later positions hold it; the loop ends as soon as
   every row has stopped, or after ``max_new_tokens``;
-* the sampler's log-prob of each drawn token (TIS/MIS) is read off the processed scores as it is drawn.
+* the sampler's log-prob of each drawn token (TIS/MIS) is read off the processed scores as it is drawn;
+* sharded weights (FSDP, DeepSpeed ZeRO-3, more than one process): every forward gathers parameters
+  collectively, so a process whose rows have all stopped keeps stepping (its output discarded) until every
+  process has stopped — ``generate``'s ``synced_gpus``, decided by the same test.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from mmrl.policy import Sampling
 
@@ -77,19 +83,36 @@ def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     running = torch.ones(rows, dtype=torch.bool, device=device)
     feed = input_ids[:, -1:]
     steps = 0
+    synced = _sharded(model)
     for step in range(sampling.max_new_tokens):
         out = model(input_ids=feed, attention_mask=mask[:, :prompt_length + step], position_ids=position,
                     cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache = out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", cache)
         scores = process_scores(out.logits[:, -1].float(), sampling, step, eos, suppress)
         drawn = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         if logps is not None and not greedy:
             logps[:, step] = scores.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(1).masked_fill(~running, 0.0)
         drawn = drawn.masked_fill(~running, pad_id)
-        tokens[:, step] = drawn
+        if running.any():  # this process's last step with a live row sets the completions' length
+            tokens[:, step] = drawn
+            steps = step + 1
         running &= ~torch.isin(drawn, eos)
-        steps = step + 1
-        if not running.any():
+        if not _any_running(running, synced):
             break
         feed, position = drawn[:, None], position + 1
     return tokens[:, :steps], (logps[:, :steps] if logps is not None else None)
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether every forward is a collective (parameters gathered across processes)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+
+
+def _any_running(running: Tensor, synced: bool) -> bool:
+    """Whether a row is still running here or, when ``synced``, in any process."""
+    if not synced:
+        return bool(running.any())
+    flag = running.any().to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return bool(flag.item() > 0)
