@@ -1,20 +1,21 @@
 """The vision-language policy: Qwen2-VL / Qwen2.5-VL / Qwen3-VL behind :class:`mmrl.policy.Policy`.
 
-Prompts are chat messages with images (see :mod:`vision`). A group is sampled by repeating each
-prompt's processed inputs ``G`` times in one ``generate`` call; the vision tower still encodes each
-unique image once per call, and the samples that share it share its features (:mod:`vision.shared_vision`).
-Re-scoring a completion runs the model on prompt + completion and turns only the completion's final hidden
-states into log-probs, slice by slice (:func:`mmrl.ops.token_logprobs`), so full-vocabulary fp32 logits never exist at once.
+Prompts are chat messages with images (see :mod:`vision`). A group is sampled by running each prompt (and
+its images, each unique image encoded once) through the model once and copying its KV cache to the ``G``
+rows of its group (:func:`vision.shared_vision.prefill_groups`); mmrl's own loop then decodes all rows
+(:mod:`vision.decoding`; ``lean_decoding=False`` uses transformers' ``model.generate`` instead — the same
+tokens from the same seed). Re-scoring a completion runs the model on prompt + completion and turns only
+the completion's final hidden states into log-probs, slice by slice (:func:`mmrl.ops.token_logprobs`), so
+full-vocabulary fp32 logits never exist at once.
 
 ``record_sampler_logp`` (off by default; the trainer turns it on when a component needs the sampler's
 log-probs, e.g. TIS/MIS) fills ``Rollout.sampler_logp`` with the log-prob of each sampled token under the
-scores ``generate`` drew it from — transformers' *processed* scores: suppressed tokens, temperature, top-k,
-top-p, −inf where filtered — while the trainer's log-probs are of the tempered, unfiltered distribution.
-They are read one step at a time (:class:`SampledTokenLogp`), not kept for the whole completion as
-``output_scores`` would: that is B·T·V fp32 on the accelerator — for Qwen2.5-VL's 151,936-token vocabulary
-0.61 MB per row and step, 40 GB for 64 rows × 1024 tokens; recording keeps B·T fp32 values instead (256 KB
-there) plus one step's transient ``logsumexp``. Greedy decoding (temperature 0) is a point mass: its
-log-prob is 0. Positions after the stop token hold 0.
+scores it was drawn from — *processed* scores: suppressed tokens, temperature, top-k, top-p, −inf where
+filtered — while the trainer's log-probs are of the tempered, unfiltered distribution. They are kept as
+``B·T`` fp32 values, never as full ``[B, T, V]`` scores (for Qwen2.5-VL's 151,936-token vocabulary that would
+be 0.61 MB per row and step, 40 GB for 64 rows × 1024 tokens). Through ``model.generate`` they are read one
+step at a time (:class:`SampledTokenLogp`). Greedy decoding (temperature 0) is a point mass: its log-prob
+is 0. Positions after the stop token hold 0.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from mmrl.ops import token_logprobs
 from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
+from vision.decoding import sample_tokens
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
-from vision.decoding import sample_tokens
 from vision.shared_prompt import checkpointing_active, prompt_groups, shared_prompt_forward
 from vision.shared_vision import ImagePlan, plan_images, prefill_groups, shared_image_features, vision_model
 
