@@ -106,13 +106,13 @@ def test_loop_stops_when_every_row_has_stopped(family):
     policy = VisionPolicy(model, processor)
     policy.eos_token_ids = list(range(len(processor.tokenizer)))
     calls = []
-    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    handle = model.model.language_model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         rollout = policy.generate(model, _records(), GROUP, Sampling(max_new_tokens=8, temperature=1.0))
     finally:
         handle.remove()
     assert rollout.completion_ids.shape == (len(_records()) * GROUP, 1)
-    assert len(calls) == 2  # the prefill and one decoding step
+    assert len(calls) == 2  # the prefill and one decoding step through the language model
 
 
 class _StopAt(torch.nn.Module):
@@ -160,3 +160,27 @@ def test_sharded_processes_keep_stepping_until_all_have_stopped():
     assert results[0][0] == results[1][0] == 5  # both stepped until rank 1's rows stopped at its 5th call
     assert [len(row) for row in results[0][1]] == [2, 2]  # rank 0: one token, then the stop token
     assert all(row[-1] == 0 for row in results[1][1]) and len(results[1][1][0]) == 5
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_text_step_equals_the_whole_models_step(family, padded):
+    """The language-model-only decoding step gives the whole model's logits bit for bit, with and without
+    padded rows (the prepared mask of Qwen2-VL / Qwen2.5-VL must match what the model would build)."""
+    import copy
+
+    from vision.decoding import _model_step, _text_step
+    from vision.shared_vision import prefill_groups, vision_model
+
+    model, processor = family
+    policy = VisionPolicy(model, processor)
+    records = _records() if padded else [_records()[2]]
+    inputs, plan = policy._shared_inputs(policy.encode_prompts(records), torch.device("cpu"))
+    assert bool((inputs["attention_mask"] == 0).any()) == padded
+    with torch.no_grad():
+        model_inputs, cache = prefill_groups(model, inputs, plan, GROUP)
+        mask = model_inputs["attention_mask"]
+        position = mask.sum(-1, keepdim=True) - 1 + vision_model(model).rope_deltas
+        feed = model_inputs["input_ids"][:, -1:]
+        a, _ = _model_step(model, feed, mask, position, copy.deepcopy(cache))
+        b, _ = _text_step(model, feed, mask, position, copy.deepcopy(cache))
+    assert torch.equal(a, b)

@@ -30,6 +30,8 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from mmrl.policy import Sampling
+from vision.shared_prompt import causal_lm
+from vision.shared_vision import vision_model
 
 Tensor = torch.Tensor
 
@@ -84,11 +86,10 @@ def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     feed = input_ids[:, -1:]
     steps = 0
     synced = _sharded(model)
+    forward = _model_step if synced else _text_step
     for step in range(sampling.max_new_tokens):
-        out = model(input_ids=feed, attention_mask=mask[:, :prompt_length + step], position_ids=position,
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", cache)
-        scores = process_scores(out.logits[:, -1].float(), sampling, step, eos, suppress)
+        logits, cache = forward(model, feed, mask[:, :prompt_length + step], position, cache)
+        scores = process_scores(logits.float(), sampling, step, eos, suppress)
         drawn = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         if logps is not None and not greedy:
             logps[:, step] = scores.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(1).masked_fill(~running, 0.0)
@@ -101,6 +102,29 @@ def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
             break
         feed, position = drawn[:, None], position + 1
     return tokens[:, :steps], (logps[:, :steps] if logps is not None else None)
+
+
+def _model_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Tensor, cache) -> tuple[Tensor, object]:
+    """One decoding step through the whole model's forward (what sharded weights need: the root module's
+    forward gathers its parameters)."""
+    out = model(input_ids=feed, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], (out.cache if getattr(out, "cache", None) is not None
+                               else getattr(out, "past_key_values", cache))
+
+
+def _text_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Tensor, cache) -> tuple[Tensor, object]:
+    """One decoding step through the language model and the head only: a new token is text, so the
+    multimodal wrapper (image / video merging, position bookkeeping) has nothing to do. Qwen2-VL and
+    Qwen2.5-VL take the attention mask already in the form their SDPA layers use — ``None`` when no row is
+    padded, else a ``[B, 1, 1, K]`` boolean keep-mask — which is what ``create_causal_mask`` returns for one
+    query token, so it is not rebuilt at every step; Qwen3-VL builds it itself. Same logits as
+    :func:`_model_step`, bit for bit (``tests/test_decoding.py``)."""
+    language_model = vision_model(model).language_model
+    if language_model.config.model_type in ("qwen2_vl_text", "qwen2_5_vl_text"):
+        mask = {"full_attention": None if bool(mask.all()) else mask.bool()[:, None, None, :]}
+    out = language_model(input_ids=feed, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+    logits = causal_lm(model).get_output_embeddings()(out.last_hidden_state[:, -1])
+    return logits, out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", cache)
 
 
 def _sharded(model: torch.nn.Module) -> bool:
