@@ -106,13 +106,13 @@ def test_loop_stops_when_every_row_has_stopped(family):
     policy = VisionPolicy(model, processor)
     policy.eos_token_ids = list(range(len(processor.tokenizer)))
     calls = []
-    handle = model.model.language_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    handle = model.model.language_model.embed_tokens.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         rollout = policy.generate(model, _records(), GROUP, Sampling(max_new_tokens=8, temperature=1.0))
     finally:
         handle.remove()
     assert rollout.completion_ids.shape == (len(_records()) * GROUP, 1)
-    assert len(calls) == 2  # the prefill and one decoding step through the language model
+    assert len(calls) == 2  # the prefill and one decoding step embed their tokens
 
 
 class _StopAt(torch.nn.Module):
@@ -164,11 +164,13 @@ def test_sharded_processes_keep_stepping_until_all_have_stopped():
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_text_step_equals_the_whole_models_step(family, padded):
-    """The language-model-only decoding step gives the whole model's logits bit for bit, with and without
-    padded rows (the prepared mask of Qwen2-VL / Qwen2.5-VL must match what the model would build)."""
+    """The language-model-only decoding step and the written-out one (vision.text_decoder) give the whole
+    model's logits bit for bit, over two steps, with and without padded rows (the prepared mask of Qwen2-VL /
+    Qwen2.5-VL must match what the model would build)."""
     import copy
 
     from vision.decoding import _model_step, _text_step
+    from vision.text_decoder import decode_step, supports
     from vision.shared_vision import prefill_groups, vision_model
 
     model, processor = family
@@ -183,4 +185,15 @@ def test_text_step_equals_the_whole_models_step(family, padded):
         feed = model_inputs["input_ids"][:, -1:]
         a, _ = _model_step(model, feed, mask, position, copy.deepcopy(cache))
         b, _ = _text_step(model, feed, mask, position, copy.deepcopy(cache))
+        assert supports(model)
+        c, later = decode_step(model, feed, mask, position, copy.deepcopy(cache))
+        # a second step from the extended cache, with the token drawn from the first
+        step2 = dict(feed=a.argmax(-1, keepdim=True), mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                     position=position + 1)
+        cache_a = copy.deepcopy(cache)
+        _model_step(model, feed, mask, position, cache_a)
+        d, _ = _model_step(model, cache=cache_a, **step2)
+        e, _ = decode_step(model, cache=later, **step2)
     assert torch.equal(a, b)
+    assert torch.equal(a, c), (a - c).abs().max()
+    assert torch.equal(d, e), (d - e).abs().max()

@@ -30,6 +30,7 @@ from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from mmrl.policy import Sampling
+from vision import text_decoder
 from vision.shared_prompt import causal_lm
 from vision.shared_vision import vision_model
 
@@ -86,7 +87,7 @@ def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     feed = input_ids[:, -1:]
     steps = 0
     synced = _sharded(model)
-    forward = _model_step if synced else _text_step
+    forward = _model_step if synced else text_decoder.decode_step if text_decoder.supports(model) else _text_step
     for step in range(sampling.max_new_tokens):
         logits, cache = forward(model, feed, mask[:, :prompt_length + step], position, cache)
         scores = process_scores(logits.float(), sampling, step, eos, suppress)
