@@ -170,8 +170,8 @@ def test_text_step_equals_the_whole_models_step(family, padded):
     import copy
 
     from vision.decoding import _model_step, _text_step
-    from vision.text_decoder import decode_step, supports
     from vision.shared_vision import prefill_groups, vision_model
+    from vision.text_decoder import decode_step, supports
 
     model, processor = family
     policy = VisionPolicy(model, processor)
