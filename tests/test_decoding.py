@@ -183,15 +183,20 @@ def test_text_step_equals_the_whole_models_step(family, padded):
         mask = model_inputs["attention_mask"]
         position = mask.sum(-1, keepdim=True) - 1 + vision_model(model).rope_deltas
         feed = model_inputs["input_ids"][:, -1:]
-        a, _ = _model_step(model, feed, mask, position, copy.deepcopy(cache))
-        b, _ = _text_step(model, feed, mask, position, copy.deepcopy(cache))
+
+        def sdpa_form(m):  # what the loop passes: None when nothing is padded
+            return None if bool(m.all()) else m.bool()[:, None, None, :]
+
+        keep = sdpa_form(mask)
+        a, _ = _model_step(model, feed, mask, keep, position, copy.deepcopy(cache))
+        b, _ = _text_step(model, feed, mask, keep, position, copy.deepcopy(cache))
         assert supports(model)
-        c, later = decode_step(model, feed, mask, position, copy.deepcopy(cache))
+        c, later = decode_step(model, feed, mask, keep, position, copy.deepcopy(cache))
         # a second step from the extended cache, with the token drawn from the first
-        step2 = dict(feed=a.argmax(-1, keepdim=True), mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-                     position=position + 1)
+        mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        step2 = dict(feed=a.argmax(-1, keepdim=True), mask=mask2, keep=sdpa_form(mask2), position=position + 1)
         cache_a = copy.deepcopy(cache)
-        _model_step(model, feed, mask, position, cache_a)
+        _model_step(model, feed, mask, keep, position, cache_a)
         d, _ = _model_step(model, cache=cache_a, **step2)
         e, _ = decode_step(model, cache=later, **step2)
     assert torch.equal(a, b)

@@ -1,10 +1,12 @@
 """The VLM's own sampling loop: the model's forward, one token per step, over a prefilled KV cache.
 
 ``model.generate`` re-derives, at every step, what stays fixed through a rollout: it rebuilds the model
-inputs (``prepare_inputs_for_generation``), re-runs the logits-processor and stopping-criterion lists,
-re-checks its generation config and grows ``position_ids`` and ``attention_mask`` through generic code
-paths. For the small batches and models of RL on CPU that is a fixed ~20–25% of generation time
-(``bench/decode_loop.py``). :func:`sample_tokens` does the same work directly:
+inputs (``prepare_inputs_for_generation``), re-runs the logits-processor and stopping-criterion lists and
+grows ``position_ids`` and ``attention_mask`` through generic code paths; the model's forward then rebuilds
+the attention mask and runs every module's wrappers. :func:`sample_tokens` does the same work directly, and
+each step runs :func:`vision.text_decoder.decode_step` where that reproduces the model bit for bit
+(``bench/decode_loop.py``: 0.82–0.87 of ``generate``'s time on the benchmark model, 0.90–0.975 for the loop
+alone over the model's forward):
 
 * positions: the next text position of each row is its count of attended tokens minus one (left padding
   counts nothing), plus Qwen-VL's M-RoPE offset ``rope_deltas`` that the prefill left on the inner model —
@@ -76,53 +78,61 @@ def sample_tokens(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     suppress = torch.tensor(suppress_ids, device=device) if suppress_ids else None
     greedy = sampling.temperature <= 0
     rows = input_ids.shape[0]
-    # The whole attention mask up front; each step reads a longer prefix (no per-step concatenation).
+    # The whole attention mask up front; each step reads a longer prefix (no per-step concatenation). Only
+    # prompts can be padded, so the SDPA form of the mask (None when nothing is) is also built once.
     prompt_length = attention_mask.shape[1]
     mask = torch.ones(rows, prompt_length + sampling.max_new_tokens, dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_length] = attention_mask
+    keep = None if bool(attention_mask.all()) else mask.bool()[:, None, None, :]
     position = attention_mask.sum(-1, keepdim=True) - 1 + rope_deltas.to(device)
     tokens = torch.full((rows, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(rows, sampling.max_new_tokens, device=device) if record_logp else None
     running = torch.ones(rows, dtype=torch.bool, device=device)
     feed = input_ids[:, -1:]
-    steps = 0
+    steps, alive = 0, True
     synced = _sharded(model)
     forward = _model_step if synced else text_decoder.decode_step if text_decoder.supports(model) else _text_step
     for step in range(sampling.max_new_tokens):
-        logits, cache = forward(model, feed, mask[:, :prompt_length + step], position, cache)
+        length = prompt_length + step  # the cached tokens and this step's (the last prompt token is fed first)
+        logits, cache = forward(model, feed, mask[:, :length], None if keep is None else keep[..., :length],
+                                position, cache)
         scores = process_scores(logits.float(), sampling, step, eos, suppress)
         drawn = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(1)
         if logps is not None and not greedy:
             logps[:, step] = scores.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(1).masked_fill(~running, 0.0)
         drawn = drawn.masked_fill(~running, pad_id)
-        if running.any():  # this process's last step with a live row sets the completions' length
+        if alive:  # a row of this process was running: the step counts towards its completions
             tokens[:, step] = drawn
             steps = step + 1
         running &= ~torch.isin(drawn, eos)
-        if not _any_running(running, synced):
+        alive = bool(running.any())  # False while sharded: stopped here, stepping for the other processes
+        if not (_anywhere(alive) if synced else alive):
             break
         feed, position = drawn[:, None], position + 1
     return tokens[:, :steps], (logps[:, :steps] if logps is not None else None)
 
 
-def _model_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Tensor, cache) -> tuple[Tensor, object]:
+def _model_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, keep: Tensor | None, position: Tensor,
+                cache) -> tuple[Tensor, object]:
     """One decoding step through the whole model's forward (what sharded weights need: the root module's
-    forward gathers its parameters)."""
+    forward gathers its parameters). The signature of every step function: ``mask [B, K]`` the attention
+    mask, ``keep`` its SDPA form (``None`` when nothing is padded, else ``[B, 1, 1, K]`` booleans)."""
     out = model(input_ids=feed, attention_mask=mask, position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], (out.cache if getattr(out, "cache", None) is not None
                                else getattr(out, "past_key_values", cache))
 
 
-def _text_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Tensor, cache) -> tuple[Tensor, object]:
+def _text_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, keep: Tensor | None, position: Tensor,
+               cache) -> tuple[Tensor, object]:
     """One decoding step through the language model and the head only: a new token is text, so the
     multimodal wrapper (image / video merging, position bookkeeping) has nothing to do. Qwen2-VL and
     Qwen2.5-VL take the attention mask already in the form their SDPA layers use — ``None`` when no row is
     padded, else a ``[B, 1, 1, K]`` boolean keep-mask — which is what ``create_causal_mask`` returns for one
-    query token, so it is not rebuilt at every step; Qwen3-VL builds it itself. Same logits as
+    query token, so the loop's ``keep`` is passed as it is; Qwen3-VL builds it itself from ``mask``. Same logits as
     :func:`_model_step`, bit for bit (``tests/test_decoding.py``)."""
     language_model = vision_model(model).language_model
     if language_model.config.model_type in ("qwen2_vl_text", "qwen2_5_vl_text"):
-        mask = {"full_attention": None if bool(mask.all()) else mask.bool()[:, None, None, :]}
+        mask = {"full_attention": keep}
     out = language_model(input_ids=feed, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
     logits = causal_lm(model).get_output_embeddings()(out.last_hidden_state[:, -1])
     return logits, out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", cache)
@@ -134,10 +144,8 @@ def _sharded(model: torch.nn.Module) -> bool:
     return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
 
 
-def _any_running(running: Tensor, synced: bool) -> bool:
-    """Whether a row is still running here or, when ``synced``, in any process."""
-    if not synced:
-        return bool(running.any())
-    flag = running.any().to(torch.float32).reshape(1)
+def _anywhere(here: bool) -> bool:
+    """Whether any process still has a running row (a collective: every process calls it each step)."""
+    flag = torch.tensor([1.0 if here else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     return bool(flag.item() > 0)

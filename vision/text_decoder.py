@@ -44,10 +44,12 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def decode_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Tensor, cache) -> tuple[Tensor, object]:
+def decode_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, keep: Tensor | None, position: Tensor,
+                cache) -> tuple[Tensor, object]:
     """Logits ``[B, V]`` for one new token per row. ``feed [B, 1]``: the tokens; ``mask [B, K]``: the
-    attention mask over the cache plus the new token; ``position [B, 1]``: text position + rope_deltas;
-    ``cache``: the model's KV cache (appended to)."""
+    attention mask over the cache plus the new token (unused here: ``keep`` carries it); ``keep``: the same
+    in SDPA form, ``None`` when no row is padded (as transformers passes it) else ``[B, 1, 1, K]``
+    booleans; ``position [B, 1]``: text position + rope_deltas; ``cache``: the model's KV cache (appended to)."""
     language_model = vision_model(model).language_model
     hidden = language_model.embed_tokens(feed)
     rotary = language_model.rotary_emb
@@ -56,8 +58,6 @@ def decode_step(model: torch.nn.Module, feed: Tensor, mask: Tensor, position: Te
     sin = (freqs.sin() * rotary.attention_scaling)
     cos = torch.cat((cos, cos), dim=-1).to(hidden.dtype).unsqueeze(1)  # [B, 1, 1, D]: broadcast over heads
     sin = torch.cat((sin, sin), dim=-1).to(hidden.dtype).unsqueeze(1)
-    padded = not bool(mask.all())
-    keep = mask.bool()[:, None, None, :] if padded else None  # transformers passes None when nothing is padded
     rows = feed.shape[0]
     for index, layer in enumerate(language_model.layers):
         residual = hidden
