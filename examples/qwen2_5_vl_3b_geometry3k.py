@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.output_dir)
         print(f"reward curve: {out / 'reward_curve.png'}   metrics: {out / 'metrics.jsonl'}   "
               f"time: {(time.perf_counter() - start) / 60:.1f} min")
+    trainer.close()  # ends the process group under `accelerate launch` (a gloo process can abort at exit without it)
     return 0
 
 

@@ -27,6 +27,7 @@ from mmrl import __version__, compare
 from mmrl.checkpoint import CheckpointError
 from mmrl.config import ConfigError, load_config, load_yaml, to_dict
 from mmrl.config_checks import validate_config
+from mmrl.processes import end_processes
 
 logger = logging.getLogger("mmrl")
 
@@ -226,13 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _forward(command: str, argv: list[str], verbose: bool) -> int:
     module = importlib.import_module(EVAL_COMMANDS[command][0])
     try:
-        return module.cli_main(argv)
+        code = module.cli_main(argv)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mmrl {command}: error: {message}", file=sys.stderr)
         if verbose:
             raise
         return 2
+    if code == 0:
+        end_processes()  # see end_processes: a gloo process can abort at exit without it
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         # Bad input: one clear line, no traceback (run with -v ... or python -m for details).
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         return 2
+    if not code:
+        end_processes()
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ and no GPU therefore mean CPU processes (gloo) here. Everything else is accelera
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import get_int_from_env, parse_flag_from_env
@@ -22,3 +24,16 @@ def use_cpu() -> bool:
 def process_state() -> PartialState:
     """accelerate's (shared) process state, CPU processes included."""
     return PartialState(cpu=use_cpu())
+
+
+def end_processes() -> None:
+    """Destroy the default process group, when one was started, at the end of a successful run.
+
+    Without it a gloo process can abort at interpreter exit ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489): the group's worker threads are torn down during
+    finalisation. Called after success only — after a failure another process may still be inside a
+    collective, and destroying an NCCL group then can hang (torchtitan destroys on success only, too).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # wrappers that hold the group (DDP) and are only reachable through cycles go now
+        torch.distributed.destroy_process_group()

@@ -51,7 +51,7 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective, objective_spec
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.processes import use_cpu
+from mmrl.processes import end_processes, use_cpu
 from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
@@ -237,6 +237,16 @@ class Trainer(Resumable):
             plot_reward_curve(history, self.output_dir / "reward_curve.png", title=f"reward — {self.output_dir.name}")
             self.metrics_logger.close()
         return history
+
+    def close(self) -> None:
+        """End the run's processes at the end of a script under ``accelerate launch`` (the ``mmrl`` command
+        does this itself); a no-op in a single process. The model is unwrapped first: the DDP wrapper holds the
+        process group, which would otherwise outlive ``destroy_process_group`` and be torn down during
+        interpreter exit, where a gloo worker thread aborts the process (see
+        :func:`mmrl.processes.end_processes`). No training or evaluation on this trainer afterwards."""
+        self.model = self.accelerator.unwrap_model(self.model)
+        self.accelerator.free_memory()  # accelerate's own references to the wrapped model
+        end_processes()
 
     def _rollout_step(self) -> dict[str, float]:
         """One rollout step, one line per phase."""

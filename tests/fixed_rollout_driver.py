@@ -24,6 +24,7 @@ import torch
 from mmrl.config import load_config
 from mmrl.data import PromptSampler
 from mmrl.policy import Rollout
+from mmrl.processes import end_processes
 from mmrl.trainer import Trainer
 from vision import task
 
@@ -132,3 +133,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_processes()  # after main's trainers (their DDP wrappers hold the group) are gone

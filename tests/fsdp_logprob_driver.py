@@ -27,6 +27,7 @@ from fixed_rollout_driver import ROOT, UidDataset, fixed_generate  # noqa: E402
 
 from mmrl.config import load_config  # noqa: E402
 from mmrl.policy import Sampling  # noqa: E402
+from mmrl.processes import end_processes  # noqa: E402
 from vision import task  # noqa: E402
 
 
@@ -98,8 +99,8 @@ def main() -> None:
         if turn == rank:
             print("REPORT " + json.dumps(report), flush=True)
         dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_processes()  # after main's locals (the wrapped model holds the group) are gone

@@ -57,9 +57,11 @@ def test_trainer_evaluation_is_sharded_and_gathered(tmp_path):
             "sampling.max_new_tokens=4", "eval.max_new_tokens=4", "logging.progress_bar=false",
             "logging.report_to=[jsonl]", "mixed_precision='no'"], section_types=task.SECTION_TYPES)
         built = task.build(cfg)
-        metrics = Trainer(cfg, built.policy, built.train_dataset, built.eval_dataset).evaluate()
+        trainer = Trainer(cfg, built.policy, built.train_dataset, built.eval_dataset)
+        metrics = trainer.evaluate()
         if PartialState().is_main_process:
             print("METRICS " + json.dumps(metrics))
+        trainer.close()
     """))
     results = []
     for processes in (1, 2):
