@@ -9,6 +9,8 @@ and no GPU therefore mean CPU processes (gloo) here. Everything else is accelera
 from __future__ import annotations
 
 import gc
+import os
+from collections.abc import Mapping
 
 import torch
 from accelerate import PartialState
@@ -37,3 +39,20 @@ def end_processes() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()  # wrappers that hold the group (DDP) and are only reachable through cycles go now
         torch.distributed.destroy_process_group()
+
+
+_REQUESTED_BACKENDS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def ignored_backend(distributed_type: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The sharding backend an ``accelerate launch`` config asked for (``ACCELERATE_USE_FSDP`` /
+    ``ACCELERATE_USE_DEEPSPEED`` in the environment) when accelerate is not running it, else None.
+
+    accelerate turns FSDP on only for accelerator devices: on CPU processes an FSDP config trains as plain
+    DDP (``MULTI_CPU``), every process holding all the weights, without a word. That is worth one warning.
+    """
+    environ = os.environ if environ is None else environ
+    for variable, backend in _REQUESTED_BACKENDS.items():
+        if environ.get(variable, "false").lower() == "true" and str(distributed_type).split(".")[-1] != backend:
+            return backend
+    return None

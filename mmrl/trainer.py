@@ -51,7 +51,7 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective, objective_spec
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.processes import end_processes, use_cpu
+from mmrl.processes import end_processes, ignored_backend, use_cpu
 from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
@@ -87,6 +87,9 @@ class Trainer(Resumable):
         self.config = cfg = config
         self._check_config(cfg)
         self.accelerator = Accelerator(cpu=use_cpu(), mixed_precision=_mixed_precision(cfg.mixed_precision))
+        if (backend := ignored_backend(self.accelerator.distributed_type)) is not None:
+            logger.warning("the accelerate config asks for %s, but accelerate runs %s (on CPU processes it does not "
+                           "shard): every process holds the whole model", backend, self.accelerator.distributed_type)
         set_seed(cfg.seed + self.accelerator.process_index)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
         # PAPO's masks: their own stream, so turning PAPO on does not change the mini-batch order.

@@ -25,3 +25,17 @@ def test_the_command_ends_the_group_on_success_only(monkeypatch):
     assert calls == ["ended"]
     assert cli.main(["train", "no/such/config.yaml"]) == 2  # a clear error, and the group left alone
     assert calls == ["ended"]
+
+
+def test_a_sharding_backend_the_launcher_asked_for_but_accelerate_did_not_start_is_named():
+    from accelerate.utils import DistributedType
+
+    from mmrl.processes import ignored_backend
+
+    fsdp = {"ACCELERATE_USE_FSDP": "true"}
+    assert ignored_backend(DistributedType.MULTI_CPU, fsdp) == "FSDP"  # accelerate's silent CPU fallback
+    assert ignored_backend(DistributedType.FSDP, fsdp) is None
+    assert ignored_backend(DistributedType.MULTI_CPU, {"ACCELERATE_USE_DEEPSPEED": "TRUE"}) == "DEEPSPEED"
+    assert ignored_backend(DistributedType.DEEPSPEED, {"ACCELERATE_USE_DEEPSPEED": "true"}) is None
+    assert ignored_backend(DistributedType.MULTI_CPU, {"ACCELERATE_USE_FSDP": "false"}) is None
+    assert ignored_backend(DistributedType.NO, {}) is None
