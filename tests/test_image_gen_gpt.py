@@ -242,3 +242,62 @@ def test_llamagen_training_checkpoint_with_args_loads_safely(tmp_path):
     trusted = load_llamagen_checkpoint(evil, model.config, trust_pickle=True)
     assert UNPICKLED == ["ran"]
     torch.testing.assert_close(trusted(idx, cond), model(idx, cond))
+
+
+def _packed_linears(model: GPT) -> list:
+    from image_gen.gpt import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_decoding_packs_the_linears_only_between_setup_and_clear_and_only_without_autograd():
+    from image_gen.gpt import Linear
+
+    model = _build()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 5 * model.config.n_layer + 1  # wqkv, wo, w1, w2, w3 per layer + the head
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        plain = model.output(torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(0)))
+        model.setup_cache(max_batch_size=2)
+        assert len(_packed_linears(model)) == len(linears)
+        packed = model.output(torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)  # the same product, another summation order
+        with torch.enable_grad():  # a forward with autograd never takes the packed copy
+            x = torch.randn(3, model.config.dim, requires_grad=True)
+            model.output(x).sum().backward()
+            assert model.output.weight.grad is not None and x.grad is not None
+        assert set(model.state_dict()) == keys  # the packed copies are not state
+        model.clear_cache()
+    assert _packed_linears(model) == []
+
+
+def test_sampling_with_and_without_packed_weights_draws_the_same_tokens(monkeypatch):
+    """Greedy and seeded sampling give the same tokens whether the decoding step multiplies by packed weights
+    or by ``F.linear`` (packing is a detail of the CPU kernel, not of the distribution); the packed copies are
+    gone after the call, also when it fails."""
+    import image_gen.gpt as gpt
+    from image_gen.sampling import sample_image_tokens
+
+    model, can_pack = _build(), gpt._can_pack
+    cond = _cond(model)
+    runs = {}
+    for packing in (True, False):
+        monkeypatch.setattr(gpt, "_can_pack", can_pack if packing else (lambda weight: False))
+        runs[packing] = [sample_image_tokens(model, cond, 12, cfg_scale=2.0, temperature=t, with_logp=True,
+                                             generator=torch.Generator().manual_seed(3)) for t in (0.0, 1.0)]
+        assert _packed_linears(model) == []
+    (greedy_a, sampled_a), (greedy_b, sampled_b) = runs[True], runs[False]
+    assert torch.equal(greedy_a.tokens, greedy_b.tokens) and torch.equal(sampled_a.tokens, sampled_b.tokens)
+    torch.testing.assert_close(sampled_a.logp, sampled_b.logp, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(gpt, "_can_pack", can_pack)
+
+    def fail(*args, **kwargs):
+        assert _packed_linears(model) or not torch.backends.mkldnn.is_available()  # packed while decoding
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(model, "forward_step", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sample_image_tokens(model, cond, 4, cfg_scale=2.0)
+    assert _packed_linears(model) == []
