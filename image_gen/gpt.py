@@ -227,11 +227,24 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
     return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2, device=cpu), table])
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent (even, odd) channel pairs of x [B, S, H, D] by freqs [S, D/2, 2] (in fp32)."""
-    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    cos, sin = freqs.view(1, x.shape[1], 1, -1, 2).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3).type_as(x)
+def rotary_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), each [S, D], from a LlamaGen table [S, D/2, 2]: channels 2i and 2i+1 both get
+    cos_i; the sine is −sin_i on the even channel and +sin_i on the odd one (see :func:`apply_rotary_emb`)."""
+    cos, sin = freqs.unbind(-1)
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def apply_rotary_emb(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate adjacent (even, odd) channel pairs of x [B, S, H, D] by :func:`rotary_tables` [S, D] (in fp32).
+
+    LlamaGen computes (x0·cos − x1·sin, x1·cos + x0·sin) per pair. Here the same is x·cos + swap(x)·sin with
+    swap exchanging each pair and the signed sine: the same products and the same sums (a − b is a + (−b) in
+    IEEE arithmetic), so bit for bit the same result, in four kernels instead of nine (decoding runs it
+    once per layer per token)."""
+    cos, sin = rope
+    xf = x.float()
+    swapped = xf.view(*xf.shape[:-1], -1, 2).flip(-1).flatten(-2)
+    return (xf * cos[:, None] + swapped * sin[:, None]).type_as(x)
 
 
 class KVCache:
@@ -260,13 +273,13 @@ class Attention(nn.Module):
         self.attn_dropout_p = cfg.attn_dropout_p
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
-    def forward(self, x, freqs, mask: torch.Tensor | None, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, rope, mask: torch.Tensor | None, cache: KVCache | None = None, start: int = 0):
         """``mask`` None: plain causal self-attention (no cache); else bool [B, 1, S, keys], True = attend."""
         b, s, _ = x.shape
         heads = self.n_head + self.n_kv_head
         qk, v = self.wqkv(x).split([heads * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         # q and k are adjacent in wqkv's output: one rotary call for both (the same element-wise ops)
-        qk = apply_rotary_emb(qk.view(b, s, heads, self.head_dim), freqs).transpose(1, 2)
+        qk = apply_rotary_emb(qk.view(b, s, heads, self.head_dim), rope).transpose(1, 2)
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
@@ -287,8 +300,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, freqs, mask, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, mask, cache, start)
+    def forward(self, x, rope, mask, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -310,6 +323,7 @@ class GPT(nn.Module):
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Plain attribute (not a buffer): stays fp32 under model.to(bf16) and out of state_dict().
         self.freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num)
+        self._rope = rotary_tables(self.freqs_cis)  # the form apply_rotary_emb takes; moved with _rope_on
         self._caches: list[KVCache] | None = None
         self._cache_len = 0
         self._key_mask: torch.Tensor | None = None  # [B, max_len] bool: cached keys that may be attended
@@ -368,13 +382,20 @@ class GPT(nn.Module):
         if t > self.config.block_size:
             raise ValueError(f"{t} image tokens exceed block_size={self.config.block_size}")
         h = self.tok_dropout(torch.cat([self.embed_condition(cond, drop_cond), self.tok_embeddings(idx)], 1))
-        self.freqs_cis = self.freqs_cis.to(h.device)  # no-op after the first call on a device
-        freqs = self.freqs_cis[: c + t]
+        rope = tuple(table[: c + t] for table in self._rope_on(h.device))
         mask = self._prefix_mask(cond_mask, h.shape[0], c + t, h.device)
         for layer in self.layers:
-            h = layer(h, freqs, mask)
+            h = layer(h, rope, mask)
         h = self.norm(h[:, c - 1 :])
         return h if return_hidden else self.output(h).float()
+
+    def _rope_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables on ``device`` (plain attributes, not buffers: fp32 under model.to(bf16), moved here
+        on first use; a no-op afterwards)."""
+        if self._rope[0].device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+            self._rope = tuple(table.to(device) for table in self._rope)
+        return self._rope
 
     # ---- incremental decoding: setup_cache(), prefill(cond), then forward_step(token) per token ----
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
@@ -402,10 +423,9 @@ class GPT(nn.Module):
         if start + s > self._key_mask.shape[1] or x.shape[0] > self._key_mask.shape[0]:
             raise RuntimeError("KV cache too small: raise max_batch_size / max_seq_len in setup_cache()")
         h = self.tok_dropout(x)
-        self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs = self.freqs_cis[start : start + s]
+        rope = tuple(table[start : start + s] for table in self._rope_on(h.device))
         for layer, cache in zip(self.layers, self._caches):
-            h = layer(h, freqs, mask, cache, start)
+            h = layer(h, rope, mask, cache, start)
         self._cache_len = start + s
         h = self.norm(h[:, -1])
         return h if return_hidden else self.output(h).float()

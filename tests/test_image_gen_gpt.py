@@ -301,3 +301,20 @@ def test_sampling_with_and_without_packed_weights_draws_the_same_tokens(monkeypa
     with pytest.raises(RuntimeError, match="interrupted"):
         sample_image_tokens(model, cond, 4, cfg_scale=2.0)
     assert _packed_linears(model) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_llamagens_formula_bit_for_bit(dtype):
+    """apply_rotary_emb's x·cos + swap(x)·sin form equals LlamaGen's (x0·cos − x1·sin, x1·cos + x0·sin)
+    exactly, condition positions (all-zero angles) included."""
+    from image_gen.gpt import apply_rotary_emb, rotary_tables
+
+    freqs = precompute_freqs_cis_2d(4, 16, 10000.0, 2)  # [2 + 16, 8, 2]
+    x = torch.randn(3, freqs.shape[0], 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    table = freqs.view(1, freqs.shape[0], 1, -1, 2)
+    want = torch.stack([pairs[..., 0] * table[..., 0] - pairs[..., 1] * table[..., 1],
+                        pairs[..., 1] * table[..., 0] + pairs[..., 0] * table[..., 1]], dim=-1).flatten(3).to(dtype)
+    got = apply_rotary_emb(x, rotary_tables(freqs))
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(got[:, :2], torch.zeros_like(got[:, :2]))  # condition tokens: q/k vanish, as in LlamaGen
