@@ -14,7 +14,9 @@ without filtering, and filtering makes the two differ in ``cfg`` mode too.
 Per decoding step the work is kept to the model's own: tokens are drawn by a two-level inverse CDF
 (:func:`draw`, one uniform per row, where ``torch.multinomial`` drew an exponential per vocabulary entry),
 with the log-prob from the same pass; the output head runs on the guided hidden state (B rows, not 2B; fp32
-heads); q and k share one rotary call. ``bench/cfg_sampler_speed.py`` measures tokens/s against the previous implementation.
+heads); q and k share one rotary call; on the CPU the model's linears multiply by prepacked weights while the
+KV cache is set up (:class:`image_gen.gpt.Linear`). ``bench/cfg_sampler_speed.py`` measures tokens/s against
+the previous implementation.
 """
 
 from __future__ import annotations
