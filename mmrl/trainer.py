@@ -87,9 +87,10 @@ class Trainer(Resumable):
         self.config = cfg = config
         self._check_config(cfg)
         self.accelerator = Accelerator(cpu=use_cpu(), mixed_precision=_mixed_precision(cfg.mixed_precision))
-        if (backend := ignored_backend(self.accelerator.distributed_type)) is not None:
+        running = getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type)
+        if (backend := ignored_backend(running)) is not None and self.accelerator.is_main_process:
             logger.warning("the accelerate config asks for %s, but accelerate runs %s (on CPU processes it does not "
-                           "shard): every process holds the whole model", backend, self.accelerator.distributed_type)
+                           "shard): every process holds the whole model", backend, running)
         set_seed(cfg.seed + self.accelerator.process_index)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
         # PAPO's masks: their own stream, so turning PAPO on does not change the mini-batch order.
@@ -441,7 +442,11 @@ class Trainer(Resumable):
         for n, index in enumerate(micro):
             part = batch.select(index)
             mask = part.loss_mask.to(acc.device)
-            sync = contextlib.nullcontext() if n == len(micro) - 1 else acc.no_sync(self.model)
+            last = n == len(micro) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            # accelerate's DeepSpeed backward steps the engine whenever sync_gradients is set: only after the
+            # last micro-batch of the mini-batch (measured: 4 micro-batches made 4 ZeRO optimizer steps before)
+            acc.gradient_state._set_sync_gradients(last)
             with sync:
                 logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=self._entropy_mode)
                 # the log-probs the objective compares to: "old" (the sampling policy; the current one,

@@ -202,3 +202,18 @@ def test_entropy_bonus_has_a_gradient_and_raises_entropy_of_the_update(tmp_path)
     # zero rewards: the policy term has no gradient, the bonus alone moves the weights
     assert all(g.abs().max() == 0 for g in grads[0.0].values())
     assert any(g.abs().max() > 0 for g in grads[1.0].values())
+
+
+def test_gradients_sync_only_at_the_last_micro_batch(tmp_path, monkeypatch):
+    """accelerate's ``sync_gradients`` is off for all but the last micro-batch of a mini-batch: its DeepSpeed
+    backward steps the engine whenever it is on (once per micro-batch otherwise — seen with ZeRO-2)."""
+    cfg = make_config(tmp_path, micro_batch_size=2)  # 8 samples: 4 micro-batches
+    bundle = task.build(cfg)
+    trainer = Trainer(cfg, bundle.policy, bundle.train_dataset, reward_funcs=[dense_reward])
+    seen: list[bool] = []
+    backward = trainer.accelerator.backward
+    monkeypatch.setattr(trainer.accelerator, "backward",
+                        lambda loss, **kw: (seen.append(trainer.accelerator.sync_gradients), backward(loss, **kw)))
+    trainer.train()
+    assert seen == [False, False, False, True]
+    assert trainer.accelerator.sync_gradients
