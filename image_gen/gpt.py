@@ -172,11 +172,12 @@ class Linear(nn.Linear):
     multiplies by a copy of its weight prepacked for oneDNN — the kernel PyTorch's own compiler uses for
     frozen fp32 linears on CPU.
 
-    Why: at decoding sizes (16–32 rows) ``F.linear`` re-packs the weight on every call; that costs as much as
-    the product. Prepacked, the sampler's layer products ran 1.7× and the vocab-sized head 4.5× faster here
-    (``bench/cfg_sampler_speed.py``). The packed copy exists only between :meth:`GPT.setup_cache` and
-    :meth:`GPT.clear_cache`, and is used only without autograd and autocast: training forwards never see it. The products
-    agree with ``F.linear`` to float rounding (another summation order), not bit for bit.
+    Why: at decoding sizes (16–32 rows) ``F.linear`` re-packs the weight on every call, which in CPU profiles
+    of the sampler cost about as much as the product itself (the whole sampler's gain: BENCHMARKS.md,
+    ``python bench/cfg_sampler_speed.py``). The packed copy (one more copy of the weight in memory) exists only
+    between :meth:`GPT.setup_cache` and :meth:`GPT.clear_cache`, and is used only without autograd and
+    autocast: training forwards never see it. The products agree with ``F.linear`` to float rounding (another
+    summation order), not bit for bit.
     """
 
     packed: torch.Tensor | None = None
@@ -407,16 +408,17 @@ class GPT(nn.Module):
         self._caches = [KVCache(shape, dtype or self.output.weight.dtype, device) for _ in self.layers]
         self._key_mask = torch.zeros(max_batch_size, max_seq_len, dtype=torch.bool, device=device)
         self._cache_len = 0
-        for module in self.modules():  # decoding-only packed weights (see Linear); clear_cache drops them
-            if isinstance(module, Linear):
-                module.pack()
+        self._pack_linears(True)  # decoding-only packed weights (see Linear); clear_cache drops them
 
     def clear_cache(self) -> None:
         """Free the KV caches and the packed weights."""
         self._caches, self._key_mask, self._cache_len = None, None, 0
+        self._pack_linears(False)
+
+    def _pack_linears(self, on: bool) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.unpack()
+                module.pack() if on else module.unpack()
 
     def _run_cached(self, x: torch.Tensor, mask: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         start, s = self._cache_len, x.shape[1]

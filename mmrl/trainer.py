@@ -445,7 +445,8 @@ class Trainer(Resumable):
             last = n == len(micro) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             # accelerate's DeepSpeed backward steps the engine whenever sync_gradients is set: only after the
-            # last micro-batch of the mini-batch (measured: 4 micro-batches made 4 ZeRO optimizer steps before)
+            # last micro-batch of the mini-batch (measured: 4 micro-batches made 4 ZeRO optimizer steps before).
+            # A private setter: accelerate's public accumulate() decides by counting steps, not by our batches.
             acc.gradient_state._set_sync_gradients(last)
             with sync:
                 logp, entropy = self.policy.log_probs(self.model, part.rollout, with_entropy=self._entropy_mode)
