@@ -4,7 +4,7 @@ The model predicts VQ codebook indices of an image in raster order, conditioned 
 ``cls_token_num`` condition embeddings (one class embedding for class-to-image, 120 projected T5
 caption features for text-to-image). It is a Llama decoder (RMSNorm, SwiGLU, optional GQA) with a 2D
 rotary embedding over the image grid. Parameter names follow LlamaGen's ``autoregressive/models/gpt.py``
-so its released checkpoints load with :func:`load_llamagen_checkpoint`.
+so its released checkpoints load with :func:`image_gen.llamagen_checkpoint.load_llamagen_checkpoint`.
 
 Sequence layout and logits convention (used by both :meth:`GPT.forward` and the KV-cached path)::
 
@@ -18,15 +18,12 @@ so ``forward(idx, cond)`` returns ``T + 1`` logits and ``logits[:, i]`` predicts
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from image_gen.safe_load import safe_torch_load
 
 
 @dataclass
@@ -457,58 +454,3 @@ class GPT(nn.Module):
         idx = idx.reshape(-1, 1)
         mask = self._key_mask[: idx.shape[0], None, None, : self._cache_len + 1]
         return self._run_cached(self.tok_embeddings(idx), mask, return_hidden)
-
-
-# ---- Checkpoint loading ----
-_IGNORED_KEYS = ("freqs_cis", "causal_mask", "kv_cache")  # runtime tensors some forks save
-
-
-def _read_state_dict(path: str | os.PathLike, trust_pickle: bool) -> dict:
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    # weights_only, plus the argparse.Namespace of training args LlamaGen checkpoints carry under "args"
-    return safe_torch_load(path, trust_pickle=trust_pickle)
-
-
-def load_llamagen_checkpoint(
-    path_or_state_dict: str | os.PathLike | dict, config: GPTConfig, trust_pickle: bool = False
-) -> GPT:
-    """Build a :class:`GPT` for ``config`` holding LlamaGen weights (fp32, on CPU, in eval mode).
-
-    Accepts a ``.pt``/``.pth``/``.safetensors`` path or an already-loaded dict. A ``.pt`` file is read with
-    ``weights_only=True`` (its pickled ``argparse.Namespace`` of training args allowed); a file pickling
-    any other class is refused unless ``trust_pickle=True`` (only for files you trust). The state dict may be
-    top level or under ``"model"``, ``"module"`` or ``"state_dict"``, and ``module.``/``_orig_mod.``
-    prefixes (DDP, torch.compile) are stripped. Raises ``ValueError`` naming every missing,
-    unexpected or wrongly-shaped key, since a silently half-loaded generator just produces noise.
-    """
-    sd = path_or_state_dict
-    if not isinstance(sd, dict):
-        sd = _read_state_dict(sd, trust_pickle)
-    sd = next((sd[k] for k in ("model", "module", "state_dict") if isinstance(sd.get(k), dict)), sd)
-    clean = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.").removeprefix("_orig_mod.")
-        if not any(part in k for part in _IGNORED_KEYS):
-            clean[k] = v
-    with torch.device("meta"):  # skip the random init of up to billions of weights
-        model = GPT(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(clean)), sorted(set(clean) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(clean[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(clean) & set(expected))
-        if clean[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"LlamaGen checkpoint does not fit GPTConfig({config.model_type}, dim={config.dim}, "
-            f"n_layer={config.n_layer}, block_size={config.block_size}):\n  missing keys: {missing}\n"
-            f"  unexpected keys: {unexpected}\n  shape mismatches: {shapes}"
-        )
-    copy = isinstance(path_or_state_dict, dict)  # never alias the caller's tensors
-    model.load_state_dict({k: v.to("cpu", torch.float32, copy=copy) for k, v in clean.items()}, assign=True)
-    return model.eval()

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from image_gen import hps as _hps  # noqa: F401  (registers the hpsv2 reward factory)
 from image_gen import judge as _judge  # noqa: F401  (registers the vlm_judge reward factory)
 from image_gen import rewards as _rewards  # noqa: F401  (registers the rule rewards and clip_score)
-from image_gen.gpt import GPT, GPTConfig, get_config, load_llamagen_checkpoint
+from image_gen.gpt import GPT, GPTConfig, get_config
+from image_gen.llamagen_checkpoint import load_llamagen_checkpoint
 from image_gen.policy import ARImagePolicy
 from image_gen.prompts import make_prompts, render_spec
 from image_gen.rewards import dry_run

@@ -12,9 +12,9 @@ from image_gen.gpt import (
     GPT_CONFIGS,
     GPTConfig,
     get_config,
-    load_llamagen_checkpoint,
     precompute_freqs_cis_2d,
 )
+from image_gen.llamagen_checkpoint import load_llamagen_checkpoint
 
 T2I_TOKENS = 6  # short caption prefix keeps the t2i tests fast
 UNPICKLED: list[str] = []  # what _record_unpickle saw: stays empty unless a full unpickle ran
