@@ -9,6 +9,8 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
                            LoRA's adapter-disabled base; hard-linked from the previous checkpoint unless it is
                            refreshed, algorithm.ref_sync_steps)
     optimizer.pt           optimizer state (main process; identical on every process under DDP)
+    optimizer-rank-<r>.pt  instead, under a backend that shards the optimizer state (DeepSpeed ZeRO, FSDP):
+                           each process's own part (resume with the same number of processes)
     scheduler.pt           LR scheduler state
     rank-<r>.pt            per process: Python / NumPy / torch (CPU, CUDA) RNG states, the trainer's generators
     rank-<r>.json          per process: the prompt sampler's position (epoch, index, skipped, SRPO history,
@@ -25,13 +27,16 @@ removed. A kill at any point leaves either the previous checkpoint with ``latest
 new one complete. Loading verifies the manifest: a missing, truncated or altered file is an error naming it.
 
 Every ``.pt`` file holds tensors, numbers, strings, lists and dicts only, so it loads with
-``torch.load(weights_only=True)``: resuming from someone else's checkpoint cannot run code.
+``torch.load(weights_only=True)``: resuming from someone else's checkpoint cannot run code. The one addition:
+DeepSpeed's optimizer state holds a few of DeepSpeed's own plain-data objects (its loss scaler), admitted by
+name when its shards are loaded (:func:`load_optimizer_shard`); any other class is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -44,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from mmrl.processes import whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +245,10 @@ def save_rank_state(staging: Path, rank: int, generators: dict[str, torch.Genera
 
 def save_main_state(staging: Path, optimizer, scheduler, trainer_state: dict,
                     reference: torch.nn.Module | None = None, previous: Path | None = None) -> None:
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    """The state every process shares; ``optimizer`` None when each process saves its own part
+    (:func:`save_optimizer_shard`)."""
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     if reference is not None:
@@ -312,10 +322,46 @@ def load_rank_state(path: Path, rank: int, generators: dict[str, torch.Generator
     return json.loads(sampler_file.read_text())
 
 
-def load_main_state(path: Path, optimizer, scheduler) -> dict:
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+def load_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_main_state(path: Path, optimizer, scheduler) -> None:
+    """The shared optimizer (``None``: loaded per process, :func:`load_optimizer_shard`) and scheduler state."""
+    if optimizer is not None:
+        if not (path / "optimizer.pt").is_file():
+            raise CheckpointError(f"{path} has no optimizer.pt: it was written under a backend that shards the "
+                                  "optimizer state (optimizer-rank-<r>.pt); resume under the same backend")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+
+OPTIMIZER_SHARD = "optimizer-rank-{rank}.pt"
+
+
+def save_optimizer_shard(staging: Path, rank: int, optimizer) -> None:
+    """This process's part of a sharded optimizer state (DeepSpeed ZeRO, FSDP), as the backend returns it."""
+    torch.save(optimizer.state_dict(), staging / OPTIMIZER_SHARD.format(rank=rank))
+
+
+def load_optimizer_shard(path: Path, rank: int) -> Any:
+    """This process's part of the optimizer state saved by :func:`save_optimizer_shard`.
+
+    Loaded with ``weights_only=True``; the classes the file names beyond plain data must belong to DeepSpeed
+    (its optimizer state pickles its loss scaler) and are admitted by name — any other class is an error."""
+    file = path / OPTIMIZER_SHARD.format(rank=rank)
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {file.name}: it was written under a backend that does not shard the "
+                              "optimizer state (optimizer.pt), or by fewer processes; resume the way it was run")
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    if foreign := [name for name in names if not name.startswith("deepspeed.")]:
+        raise CheckpointError(f"{file} names classes outside DeepSpeed, refused: {foreign}")
+    classes = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attribute))
+    with torch.serialization.safe_globals(classes):
+        return torch.load(file, weights_only=True)
 
 
 def load_reference(path: Path, reference: torch.nn.Module) -> None:
@@ -355,8 +401,11 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     if set(state) != set(model.state_dict()) and hasattr(type(model), "from_pretrained"):
         # transformers may save under a different key layout than the module uses (e.g. Qwen2.5-VL's
         # legacy names); its own loader knows the mapping.
+        # Under DeepSpeed ZeRO-3 transformers builds that copy partitioned (empty tensors): gather it first.
         dtype = next(model.parameters()).dtype
-        state = type(model).from_pretrained(str(directory), dtype=dtype).state_dict()
+        legacy = type(model).from_pretrained(str(directory), dtype=dtype)
+        with whole_parameters(legacy):
+            state = {key: value.clone() for key, value in legacy.state_dict().items()}
     result = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. lm_head = embed_tokens) are saved once; anything else missing is a real mismatch.
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))

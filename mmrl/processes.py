@@ -8,12 +8,13 @@ and no GPU therefore mean CPU processes (gloo) here. Everything else is accelera
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import get_int_from_env, parse_flag_from_env
 
 
@@ -26,6 +27,26 @@ def use_cpu() -> bool:
 def process_state() -> PartialState:
     """accelerate's (shared) process state, CPU processes included."""
     return PartialState(cpu=use_cpu())
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """The run's ``Accelerator``: the process group first (:func:`process_state`), then accelerate's state.
+
+    Under a DeepSpeed launch on CPU processes the accelerator is made with ``cpu=False``, because accelerate
+    only starts DeepSpeed when not told ``cpu`` (``AcceleratorState``: ``ACCELERATE_USE_DEEPSPEED ... and not
+    cpu``); the processes themselves were already joined on the CPU (gloo) by :func:`process_state`, and
+    DeepSpeed runs on its CPU accelerator. Before, the trainer made its state with ``cpu=True`` and trained as
+    DDP, while after a cold start (TRL's ``SFTTrainer`` makes the state in exactly this order) the same launch
+    trained under DeepSpeed: the backend depended on whether a cold start ran.
+    """
+    process_state()
+    return Accelerator(cpu=accelerator_on_cpu(), **kwargs)
+
+
+def accelerator_on_cpu() -> bool:
+    """The ``cpu`` flag for the run's ``Accelerator`` (see :func:`make_accelerator`): :func:`use_cpu`, except
+    under a DeepSpeed launch."""
+    return use_cpu() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def end_processes() -> None:
@@ -56,3 +77,64 @@ def ignored_backend(distributed_type: str, environ: Mapping[str, str] | None = N
         if environ.get(variable, "false").lower() == "true" and str(distributed_type).split(".")[-1] != backend:
             return backend
     return None
+
+
+def configure_deepspeed(accelerator, max_grad_norm: float, micro_batch_size: int) -> list[str]:
+    """Fit the DeepSpeed engine's settings to the trainer's, before ``prepare``; returns what it overrode
+    (empty when DeepSpeed is not running).
+
+    - **Clipping**: the engine clips inside ``backward`` with its own ``gradient_clipping`` (from the accelerate
+      YAML) and the trainer's ``clip_grad_norm_`` only reads the norm back: two settings for one thing. The
+      training config's ``optim.max_grad_norm`` wins (0: no clipping), so a config means the same under every
+      backend.
+    - **Accumulation**: the trainer sums the micro-batches of a mini-batch itself — each loss already divided
+      by the mini-batch's global token count — and marks the last one as the step boundary. DeepSpeed's
+      ``gradient_accumulation_steps`` > 1 would divide every loss once more, so it is 1.
+    - **Micro-batch size**: DeepSpeed wants ``train_micro_batch_size_per_gpu`` for its bookkeeping and takes it
+      from a dataloader the trainer does not have: ``micro_batch_size`` (sequences per process and backward).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return []
+    config, notes = plugin.deepspeed_config, []
+    wanted = {"gradient_clipping": (float(max_grad_norm or 0.0), f"optim.max_grad_norm={max_grad_norm}"),
+              "gradient_accumulation_steps": (1, "the trainer's own accumulation over micro-batches"),
+              "train_micro_batch_size_per_gpu": (int(micro_batch_size), f"micro_batch_size={micro_batch_size}")}
+    for key, (value, why) in wanted.items():
+        asked = config.get(key, "auto")
+        if asked not in ("auto", None) and float(asked) != float(value):
+            notes.append(f"DeepSpeed {key}: {asked} in the accelerate config, {value} used ({why})")
+        config[key] = value
+    config["train_batch_size"] = int(micro_batch_size) * accelerator.num_processes  # × accumulation (1)
+    return notes
+
+
+def optimizer_sharding(accelerator) -> str | None:
+    """``"deepspeed"`` or ``"fsdp"`` when each process holds only its part of the optimizer state (then every
+    process checkpoints its own part), else None (DDP, one process: the main process's state is everyone's)."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).split(".")[-1]
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
+
+
+def load_sharded_optimizer(accelerator, optimizer, state) -> None:
+    """Load this process's part of a sharded optimizer state. DeepSpeed's ZeRO optimizers take a list of
+    every process's state and read their own entry (``state_dict_list[dp_rank]``): the others stay None here,
+    so a layout that needs them (ZeRO's elastic checkpoints, a changed process count) fails loudly."""
+    if optimizer_sharding(accelerator) == "deepspeed":
+        state = [state if rank == accelerator.process_index else None for rank in range(accelerator.num_processes)]
+    optimizer.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def whole_parameters(model: torch.nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
+    """Inside: every parameter whole on every process, also under DeepSpeed ZeRO-3 (which keeps only a
+    partition of each large parameter outside its forward); ``modifier_rank``: whose in-place changes are
+    kept when they are partitioned again (None: none). A collective under ZeRO-3 — every process enters it."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield

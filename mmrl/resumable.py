@@ -17,6 +17,7 @@ import torch
 
 from mmrl import checkpoint
 from mmrl.checkpoint import CheckpointError
+from mmrl.processes import load_sharded_optimizer, optimizer_sharding, whole_parameters
 
 logger = logging.getLogger("mmrl.trainer")
 
@@ -43,21 +44,26 @@ class Resumable:
         acc, cfg = self.accelerator, self.config
         shared, per_process = self._stateful()
         staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
+        sharded = optimizer_sharding(acc) is not None  # each process then saves its own optimizer part
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            previous = checkpoint.latest_checkpoint(self.output_dir)
-            checkpoint.begin_save(self.output_dir, self.rollout_step)
-            self.policy.save_pretrained(acc.unwrap_model(self.model), str(staging / "model"))
-            state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
-                     "num_processes": acc.num_processes, "run_info": self.run_info,
-                     **{name: c.state_dict() for name, c in shared.items()}}
-            checkpoint.save_main_state(staging, self.optimizer, self.scheduler, state,
-                                       reference=self.ref_model,
-                                       # a refreshed reference changes: write it, do not link the last copy
-                                       previous=None if cfg.algorithm.ref_sync_steps else previous)
+        model = acc.unwrap_model(self.model)
+        with whole_parameters(model):  # under ZeRO-3 a collective: every process gathers, the main one writes
+            if acc.is_main_process:
+                previous = checkpoint.latest_checkpoint(self.output_dir)
+                checkpoint.begin_save(self.output_dir, self.rollout_step)
+                self.policy.save_pretrained(model, str(staging / "model"))
+                state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
+                         "num_processes": acc.num_processes, "run_info": self.run_info,
+                         **{name: c.state_dict() for name, c in shared.items()}}
+                checkpoint.save_main_state(staging, None if sharded else self.optimizer, self.scheduler, state,
+                                           reference=self.ref_model,
+                                           # a refreshed reference changes: write it, do not link the last copy
+                                           previous=None if cfg.algorithm.ref_sync_steps else previous)
         acc.wait_for_everyone()  # the staging directory exists before the other processes write into it
         checkpoint.save_rank_state(staging, acc.process_index, self._generators(),
                                    {name: c.state_dict() for name, c in per_process.items()})
+        if sharded:
+            checkpoint.save_optimizer_shard(staging, acc.process_index, self.optimizer)
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
@@ -73,12 +79,20 @@ class Resumable:
         if acc.is_main_process:  # a damaged file is an error naming it, before anything is loaded
             checkpoint.verify_checkpoint(path)
         acc.wait_for_everyone()
-        state = checkpoint.load_main_state(path, self.optimizer, self.scheduler)
+        state = checkpoint.load_trainer_state(path)
         if state["num_processes"] != acc.num_processes:
             raise CheckpointError(
                 f"{path} was written by {state['num_processes']} processes, this run has {acc.num_processes}: "
                 "every process's sampler and random state is part of the run; resume with the same number")
-        checkpoint.load_model_weights(acc.unwrap_model(self.model), path / "model")
+        # The weights before the optimizer: DeepSpeed's ZeRO optimizers refill their fp32 master copy from the
+        # model's weights when their state is loaded.
+        model = acc.unwrap_model(self.model)
+        with whole_parameters(model, modifier_rank=0):
+            checkpoint.load_model_weights(model, path / "model")
+        sharded = optimizer_sharding(acc) is not None
+        checkpoint.load_main_state(path, None if sharded else self.optimizer, self.scheduler)
+        if sharded:
+            load_sharded_optimizer(acc, self.optimizer, checkpoint.load_optimizer_shard(path, acc.process_index))
         if self.ref_model is not None:  # the reference is the run's starting point (e.g. after the cold start)
             checkpoint.load_reference(path, self.ref_model)
         rank_state = checkpoint.load_rank_state(path, acc.process_index, self._generators())

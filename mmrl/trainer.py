@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -51,7 +50,7 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective, objective_spec
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.processes import end_processes, ignored_backend, use_cpu
+from mmrl.processes import configure_deepspeed, end_processes, ignored_backend, make_accelerator
 from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
@@ -86,7 +85,7 @@ class Trainer(Resumable):
     ):
         self.config = cfg = config
         self._check_config(cfg)
-        self.accelerator = Accelerator(cpu=use_cpu(), mixed_precision=_mixed_precision(cfg.mixed_precision))
+        self.accelerator = make_accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
         running = getattr(self.accelerator.distributed_type, "value", self.accelerator.distributed_type)
         if (backend := ignored_backend(running)) is not None and self.accelerator.is_main_process:
             logger.warning("the accelerate config asks for %s, but accelerate runs %s (on CPU processes it does not "
@@ -158,6 +157,9 @@ class Trainer(Resumable):
         self.updates_per_step = cfg.algorithm.ppo_epochs * math.ceil(self.rollout_size / self.mini_batch_size)
         scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                   num_training_steps=cfg.max_steps * self.updates_per_step)
+        for note in configure_deepspeed(self.accelerator, cfg.optim.max_grad_norm, cfg.micro_batch_size):
+            if self.accelerator.is_main_process:
+                logger.warning(note)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
         self.train_dataset = train_dataset
@@ -479,7 +481,11 @@ class Trainer(Resumable):
         cfg, acc = self.config, self.accelerator
         # The norm is always measured (max_norm=inf scales by exactly 1.0): a non-finite one must be seen.
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm and cfg.optim.max_grad_norm > 0 else math.inf
-        sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        # Under DeepSpeed this reads the engine's norm back: the engine has clipped and stepped inside backward —
+        # or skipped the step and cleared the gradients on a non-finite norm (ZeRO's overflow check), which it
+        # reports as an infinite norm, so the skip is counted below all the same.
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        sums["grad_norm"] = float("nan") if norm is None else float(norm)
         # With fp16 the grad scaler itself skips an overflowed step and lowers its scale: only a
         # non-finite loss is ours to catch there.
         grad_ok = math.isfinite(sums["grad_norm"]) or acc.scaler is not None

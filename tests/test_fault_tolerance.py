@@ -147,6 +147,27 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_process_count_must_ma
         make_trainer(make_config(tmp_path, max_steps=2, resume_from="latest"))
 
 
+def test_a_sharded_optimizer_state_is_saved_per_process_and_resumes_exactly(tmp_path, monkeypatch):
+    """The checkpoint path of DeepSpeed ZeRO / FSDP (each process saves and loads its own optimizer part),
+    exercised in one process; the 2-process DeepSpeed runs are in configs/accelerate/README.md."""
+    import mmrl.resumable
+
+    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: "fsdp")
+    straight = make_trainer(make_config(tmp_path / "straight", max_steps=2))
+    straight.train()
+    files = {p.name for p in (tmp_path / "straight" / "checkpoint-1").iterdir()}
+    assert "optimizer-rank-0.pt" in files and "optimizer.pt" not in files
+    resumed = make_trainer(make_config(tmp_path / "straight", max_steps=2,
+                                       resume_from=str(tmp_path / "straight" / "checkpoint-1")))
+    assert resumed.rollout_step == 1
+    resumed.train()
+    final = weights(resumed)
+    assert all(torch.equal(final[k], v) for k, v in weights(straight).items())
+    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: None)
+    with pytest.raises(CheckpointError, match="shards the optimizer state"):  # resumed under another backend
+        make_trainer(make_config(tmp_path / "straight", max_steps=3, resume_from="latest"))
+
+
 # ---------------------------------------------------------------------------------------------- signals
 
 

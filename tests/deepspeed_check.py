@@ -1,0 +1,146 @@
+"""The DeepSpeed checks of configs/accelerate/README.md, end to end on 2 CPU processes (needs ``deepspeed``).
+
+DeepSpeed is not a dependency: install it aside (e.g. a venv on top of the project's, ``pip install
+--no-build-isolation deepspeed``) and run this file with that interpreter. It launches ``mmrl train`` on the
+vision demo without a cold start, with the reward :func:`distinct_characters` (so that advantages are not all
+zero on the untrained model), under DDP, ZeRO-2 and ZeRO-3, and checks:
+
+1. the same training: rewards and gradient norms per step equal DDP's to 1e-5; weights close (Adam's first
+   steps magnify float-rounding differences of the gradient reduction: the printed figure is the largest
+   difference relative to the largest weight);
+2. exact resume: 2 steps, then a resumed run to 4, against 4 steps straight — identical weights;
+3. a non-finite update (the objective returns NaN for one micro-batch) is skipped and counted, and the
+   weights stay finite;
+
+also for ZeRO-3 with every parameter partitioned (``zero3_partitioned``: the tiny model's parameters are all
+below the size ZeRO-3 partitions by default).
+
+    python tests/deepspeed_check.py [--out DIR]
+
+``tests/test_processes.py`` runs it when ``deepspeed`` is importable. Internally the file is also the command
+the launches run (``--as-cli``: ``mmrl``'s command line, optionally with the NaN injected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = {"ddp": "ddp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
+            "zero3_partitioned": None}  # written by partitioned_zero3_config
+# ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole, i.e. all of the tiny
+# model's: this variant partitions every one, as ZeRO-3 does a real model's (set in a DeepSpeed JSON file,
+# which accelerate's YAML keys cannot express).
+PARTITIONED_ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                     "gradient_clipping": "auto", "gradient_accumulation_steps": "auto",
+                     "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+
+
+def partitioned_zero3_config(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "zero3_partitioned.json").write_text(json.dumps(PARTITIONED_ZERO3))
+    yaml = directory / "zero3_partitioned.yaml"
+    yaml.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_machines: 1\n"
+                    "num_processes: 2\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\nuse_cpu: false\n"
+                    f"deepspeed_config:\n  deepspeed_config_file: {directory / 'zero3_partitioned.json'}\n"
+                    "  zero3_init_flag: false\n")
+    return yaml
+
+
+def distinct_characters(prompts, completions, **kwargs) -> list[float]:
+    """Reward: distinct characters in the completion / 10 (varies between samples of an untrained model)."""
+    return [len(set(str(c))) / 10.0 for c in completions]
+
+
+def as_cli(argv: list[str]) -> int:
+    """``mmrl`` with, for ``--nan-at N``, the N-th objective call (a micro-batch) returning NaN."""
+    if argv[:1] == ["--nan-at"]:
+        import mmrl.trainer
+
+        nan_at, argv, real = int(argv[1]), argv[2:], mmrl.trainer.get_objective
+
+        def objective_with_a_nan(name):
+            objective, calls = real(name), [0]
+
+            def call(*args, **kwargs):
+                calls[0] += 1
+                per_token, metrics = objective(*args, **kwargs)
+                return (per_token * math.nan if calls[0] == nan_at else per_token), metrics
+            return call
+
+        mmrl.trainer.get_objective = objective_with_a_nan
+    from mmrl.cli import main
+
+    return main(argv)
+
+
+def launch(backend: str, output: Path, steps: int, *extra: str, nan_at: int | None = None) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if backend == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"  # CPU processes need it for DDP (see configs/accelerate/README.md)
+    config = (ROOT / "configs" / "accelerate" / BACKENDS[backend] if BACKENDS[backend]
+              else partitioned_zero3_config(output.parent / "configs"))
+    # (a DeepSpeed JSON file and accelerate's --mixed_precision may not be given together)
+    precision = ["--mixed_precision", "no"] if BACKENDS[backend] else []
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", "2", *precision,
+               __file__, "--as-cli", *(["--nan-at", str(nan_at)] if nan_at else []), "train", "configs/vision/demo.yaml",
+               f"max_steps={steps}", "cold_start.steps=0", "mixed_precision='no'", "optim.lr=1e-2", "micro_batch_size=16",
+               "save_steps=1", f"rewards=[{{name: {__file__}:distinct_characters, weight: 1.0}}]",
+               f"output_dir={output}", *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{backend} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def weights(run: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / f"checkpoint-{step}" / "model" / "model.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="mmrl-deepspeed-"))
+    report: dict = {}
+    ddp = launch("ddp", out / "ddp", 4)
+    reference = weights(out / "ddp", 2)
+    for backend in ("zero2", "zero3", "zero3_partitioned"):
+        straight = launch(backend, out / backend, 4)
+        for mine, theirs in zip(straight, ddp):
+            for key in ("reward", "grad_norm"):
+                assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (backend, key, mine, theirs)
+        at_two = weights(out / backend, 2)
+        scale = max(v.abs().max().item() for v in reference.values())
+        report[f"{backend}: weights vs DDP after 2 steps (relative to the largest weight)"] = max(
+            (at_two[k] - reference[k]).abs().max().item() for k in reference) / scale
+        resumed = out / f"{backend}-resumed"
+        launch(backend, resumed, 2)
+        launch(backend, resumed, 4, f"resume_from={resumed / 'checkpoint-2'}")
+        final, expected = weights(resumed, 4), weights(out / backend, 4)
+        difference = max((final[k] - expected[k]).abs().max().item() for k in expected)
+        assert difference == 0.0, (backend, "resume", difference)
+        report[f"{backend}: 2 steps + resume to 4 vs 4 straight (max difference)"] = difference
+        skipped = launch(backend, out / f"{backend}-nan", 2, nan_at=1)
+        assert skipped[0]["update_skipped"] == 1.0 and skipped[-1]["skipped_updates"] == 1.0, skipped
+        assert all(v.isfinite().all() for v in weights(out / f"{backend}-nan", 2).values())
+        report[f"{backend}: NaN micro-batch"] = "update skipped and counted, weights finite"
+    for line in report.items():
+        print(*line, sep=": ")
+    return report
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--as-cli"]:
+        sys.exit(as_cli(sys.argv[2:]))
+    main()
