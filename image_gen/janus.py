@@ -244,9 +244,10 @@ class JanusImagePolicy:
             images.extend(((pixels.clamp(-1, 1) + 1) / 2).cpu())
         return images
 
-    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
-        """HF format: ``JanusForConditionalGeneration.from_pretrained(path)`` and :func:`load_janus` read it."""
-        unwrap_model(model).save_pretrained(path)
+    def save_pretrained(self, model: torch.nn.Module, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """HF format: ``JanusForConditionalGeneration.from_pretrained(path)`` and :func:`load_janus` read it.
+        ``state_dict``: the whole weights of a sharded model (see :class:`mmrl.policy.Policy`)."""
+        unwrap_model(model).save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
         self.processor.save_pretrained(path)
 
 

@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from image_gen.sampling import check_guidance, guided_token_logprobs, sample_image_tokens
 from image_gen.text_encoder import TEXT_ENCODER_FILE
@@ -147,11 +147,14 @@ class ARImagePolicy:
         images = self.tokenizer.decode(rollout.completion_ids)
         return list(images.float().cpu())
 
-    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
+    def save_pretrained(self, model: torch.nn.Module, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         inner = unwrap_model(model)
-        save_model(inner, str(out / "model.safetensors"))
+        if state_dict is None:
+            save_model(inner, str(out / "model.safetensors"))
+        else:  # the whole weights of a sharded model (see mmrl.policy.Policy); the GPT ties no weights
+            save_file({key: value.contiguous() for key, value in state_dict.items()}, str(out / "model.safetensors"))
         (out / "gpt_config.json").write_text(json.dumps(vars(inner.config), indent=1, default=str))
         if self.text_encoder is not None:  # so the saved model loads with the T5 it was trained with
             (out / TEXT_ENCODER_FILE).write_text(json.dumps(

@@ -9,8 +9,9 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
                            LoRA's adapter-disabled base; hard-linked from the previous checkpoint unless it is
                            refreshed, algorithm.ref_sync_steps)
     optimizer.pt           optimizer state (main process; identical on every process under DDP)
-    optimizer-rank-<r>.pt  instead, under a backend that shards the optimizer state (DeepSpeed ZeRO, FSDP):
-                           each process's own part (resume with the same number of processes)
+                           (under FSDP gathered from every process first, by parameter name)
+    optimizer-rank-<r>.pt  instead, under DeepSpeed ZeRO, which shards the optimizer state: each process's
+                           own part (resume with the same number of processes)
     scheduler.pt           LR scheduler state
     rank-<r>.pt            per process: Python / NumPy / torch (CPU, CUDA) RNG states, the trainer's generators
     rank-<r>.json          per process: the prompt sampler's position (epoch, index, skipped, SRPO history,
@@ -50,7 +51,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmrl.processes import whole_parameters
+from mmrl.processes import load_full_state_dict, whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +246,10 @@ def save_rank_state(staging: Path, rank: int, generators: dict[str, torch.Genera
 
 def save_main_state(staging: Path, optimizer, scheduler, trainer_state: dict,
                     reference: torch.nn.Module | None = None, previous: Path | None = None) -> None:
-    """The state every process shares; ``optimizer`` None when each process saves its own part
-    (:func:`save_optimizer_shard`)."""
+    """The state every process shares. ``optimizer``: the optimizer, or its state already gathered (a dict,
+    FSDP), or None when each process saves its own part (:func:`save_optimizer_shard`)."""
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     if reference is not None:
@@ -326,13 +327,14 @@ def load_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def load_main_state(path: Path, optimizer, scheduler) -> None:
-    """The shared optimizer (``None``: loaded per process, :func:`load_optimizer_shard`) and scheduler state."""
-    if optimizer is not None:
+def load_main_state(path: Path, load_optimizer, scheduler) -> None:
+    """The shared optimizer state, handed to ``load_optimizer`` (``None``: loaded per process,
+    :func:`load_optimizer_shard`), and the scheduler's."""
+    if load_optimizer is not None:
         if not (path / "optimizer.pt").is_file():
             raise CheckpointError(f"{path} has no optimizer.pt: it was written under a backend that shards the "
                                   "optimizer state (optimizer-rank-<r>.pt); resume under the same backend")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        load_optimizer(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
 
@@ -378,6 +380,8 @@ def load_reference(path: Path, reference: torch.nn.Module) -> None:
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load ``model.safetensors`` (or its shards, via the index) from ``directory`` into ``model``; for a
     PEFT model (LoRA), its adapter's weights from ``adapter_model.safetensors`` (the base is not saved).
+    Under FSDP pass the sharded model as the trainer holds it (FSDP1: the root wrapper); every process then
+    calls this together and keeps its own shards.
 
     Every parameter of the model must be found; extra keys in the file are an error too."""
     if hasattr(model, "peft_config"):
@@ -398,15 +402,18 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    if set(state) != set(model.state_dict()) and hasattr(type(model), "from_pretrained"):
+    module = getattr(model, "module", model) if type(model).__name__ == "FullyShardedDataParallel" else model
+    if set(state) != set(model.state_dict()) and hasattr(type(module), "from_pretrained"):
         # transformers may save under a different key layout than the module uses (e.g. Qwen2.5-VL's
         # legacy names); its own loader knows the mapping.
         # Under DeepSpeed ZeRO-3 transformers builds that copy partitioned (empty tensors): gather it first.
         dtype = next(model.parameters()).dtype
-        legacy = type(model).from_pretrained(str(directory), dtype=dtype)
+        legacy = type(module).from_pretrained(str(directory), dtype=dtype)
         with whole_parameters(legacy):
             state = {key: value.clone() for key, value in legacy.state_dict().items()}
-    result = model.load_state_dict(state, strict=False)
+    result = load_full_state_dict(model, state)  # under FSDP: each process keeps its shards
+    if result is None:
+        result = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. lm_head = embed_tokens) are saved once; anything else missing is a real mismatch.
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
     missing = [k for k in result.missing_keys if k not in tied]

@@ -194,6 +194,8 @@ class Policy(Protocol):
         """Completions as reward functions read them (text for a VLM, images for an image generator)."""
         ...
 
-    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
-        """Write ``model`` and whatever else is needed to load it again by path (tokenizer, config...)."""
+    def save_pretrained(self, model: torch.nn.Module, path: str, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write ``model`` and whatever else is needed to load it again by path (tokenizer, config...).
+        ``state_dict``: the weights to write in place of ``model.state_dict()`` — the whole weights of a model
+        sharded by FSDP, gathered by the trainer (the model itself then holds only this process's shards)."""
         ...

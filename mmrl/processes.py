@@ -110,8 +110,9 @@ def configure_deepspeed(accelerator, max_grad_norm: float, micro_batch_size: int
 
 
 def optimizer_sharding(accelerator) -> str | None:
-    """``"deepspeed"`` or ``"fsdp"`` when each process holds only its part of the optimizer state (then every
-    process checkpoints its own part), else None (DDP, one process: the main process's state is everyone's)."""
+    """``"deepspeed"`` when each process holds only its part of the optimizer state and checkpoints it itself
+    (ZeRO), ``"fsdp"`` when the parts are gathered into one whole state (:func:`full_optimizer_state`), else
+    None (DDP, one process: the main process's state is everyone's)."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).split(".")[-1]
     return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
 
@@ -138,3 +139,59 @@ def whole_parameters(model: torch.nn.Module, modifier_rank: int | None = None) -
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def fsdp_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model`` (or part of it) is sharded by FSDP: FSDP2 parameters are DTensors, FSDP1 wraps
+    modules in ``FullyShardedDataParallel``."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the model's whole state dict, on the CPU, on the main process (on accelerators {} on the
+    others) — a collective: every process calls it. None when the model's own ``state_dict()`` is already whole (one
+    process, DDP, ZeRO-2; ZeRO-3 inside :func:`whole_parameters`)."""
+    if not fsdp_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload also means "only the main process gets it"; with weights already on the CPU torch's FSDP1 then
+    # frees the gathered storage before copying it (a segfault here, torch 2.13): there every process gets it.
+    on_accelerator = next(model.parameters()).device.type != "cpu"
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """Under FSDP, load a whole state dict (every process holds it) into the sharded model, each process
+    keeping its shards — a collective; returns the missing / unexpected keys as ``load_state_dict`` does. None,
+    loading nothing, when the model is not sharded."""
+    if not fsdp_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict | None:
+    """Under FSDP the optimizer's whole state (plain tensors keyed by parameter name, what
+    :func:`load_full_optimizer_state` takes back on any sharding of the same model) — a collective. None when
+    the model is not sharded by FSDP."""
+    if not fsdp_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    on_accelerator = next(model.parameters()).device.type != "cpu"  # see full_state_dict
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Load :func:`full_optimizer_state`'s result into the optimizer of the FSDP-sharded ``model`` (a
+    collective: every process holds ``state``; each keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -17,7 +17,15 @@ import torch
 
 from mmrl import checkpoint
 from mmrl.checkpoint import CheckpointError
-from mmrl.processes import load_sharded_optimizer, optimizer_sharding, whole_parameters
+from mmrl.processes import (
+    fsdp_sharded,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_sharded_optimizer,
+    optimizer_sharding,
+    whole_parameters,
+)
 
 logger = logging.getLogger("mmrl.trainer")
 
@@ -44,18 +52,24 @@ class Resumable:
         acc, cfg = self.accelerator, self.config
         shared, per_process = self._stateful()
         staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
-        sharded = optimizer_sharding(acc) is not None  # each process then saves its own optimizer part
+        sharded = optimizer_sharding(acc) == "deepspeed"  # each process then saves its own optimizer part
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
-        with whole_parameters(model):  # under ZeRO-3 a collective: every process gathers, the main one writes
+        # Sharded weights are gathered by every process together (collectives): ZeRO-3's in place, FSDP's into
+        # a whole state dict on the main process, which writes them; FSDP's optimizer state likewise.
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        with whole_parameters(model):
+            whole = full_state_dict(self.model)  # the wrapped model: FSDP1's root unit holds top-level weights
             if acc.is_main_process:
                 previous = checkpoint.latest_checkpoint(self.output_dir)
                 checkpoint.begin_save(self.output_dir, self.rollout_step)
-                self.policy.save_pretrained(model, str(staging / "model"))
+                self.policy.save_pretrained(model, str(staging / "model"),
+                                            **({} if whole is None else {"state_dict": whole}))
                 state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
                          "num_processes": acc.num_processes, "run_info": self.run_info,
                          **{name: c.state_dict() for name, c in shared.items()}}
-                checkpoint.save_main_state(staging, None if sharded else self.optimizer, self.scheduler, state,
+                optimizer = None if sharded else self.optimizer if optimizer_state is None else optimizer_state
+                checkpoint.save_main_state(staging, optimizer, self.scheduler, state,
                                            reference=self.ref_model,
                                            # a refreshed reference changes: write it, do not link the last copy
                                            previous=None if cfg.algorithm.ref_sync_steps else previous)
@@ -88,9 +102,16 @@ class Resumable:
         # model's weights when their state is loaded.
         model = acc.unwrap_model(self.model)
         with whole_parameters(model, modifier_rank=0):
-            checkpoint.load_model_weights(model, path / "model")
-        sharded = optimizer_sharding(acc) is not None
-        checkpoint.load_main_state(path, None if sharded else self.optimizer, self.scheduler)
+            checkpoint.load_model_weights(self.model if fsdp_sharded(self.model) else model, path / "model")
+        sharded = optimizer_sharding(acc) == "deepspeed"
+        if sharded:
+            load_optimizer = None
+        elif fsdp_sharded(self.model):  # the whole state, by parameter name: each process keeps its shards
+            def load_optimizer(state):
+                load_full_optimizer_state(self.model, self.optimizer, state)
+        else:
+            load_optimizer = self.optimizer.load_state_dict
+        checkpoint.load_main_state(path, load_optimizer, self.scheduler)
         if sharded:
             load_sharded_optimizer(acc, self.optimizer, checkpoint.load_optimizer_shard(path, acc.process_index))
         if self.ref_model is not None:  # the reference is the run's starting point (e.g. after the cold start)

@@ -148,11 +148,12 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_process_count_must_ma
 
 
 def test_a_sharded_optimizer_state_is_saved_per_process_and_resumes_exactly(tmp_path, monkeypatch):
-    """The checkpoint path of DeepSpeed ZeRO / FSDP (each process saves and loads its own optimizer part),
-    exercised in one process; the 2-process DeepSpeed runs are in configs/accelerate/README.md."""
+    """The checkpoint path of DeepSpeed ZeRO (each process saves and loads its own optimizer part), exercised in
+    one process; the 2-process DeepSpeed runs: tests/deepspeed_check.py, FSDP's gathering:
+    tests/fsdp_checkpoint_driver.py."""
     import mmrl.resumable
 
-    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: "fsdp")
+    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: "deepspeed")
     straight = make_trainer(make_config(tmp_path / "straight", max_steps=2))
     straight.train()
     files = {p.name for p in (tmp_path / "straight" / "checkpoint-1").iterdir()}

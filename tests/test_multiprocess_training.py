@@ -39,6 +39,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.launching import accelerate_command, free_port
@@ -137,3 +138,20 @@ def test_fsdp1_log_probs_and_gradients_match_unsharded():
     assert len(reports) == 2
     assert all("error" not in report for report in reports), reports
     assert all(r["scoring_max_abs_err"] < 1e-5 and r["grad_max_rel_err"] < 1e-4 for r in reports), reports
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
+def test_fsdp_checkpoints_gather_the_whole_weights_and_optimizer_state_and_load_them_back(mode, tmp_path):
+    """What the trainer's checkpoints do under FSDP (mmrl.processes.full_state_dict / full_optimizer_state and
+    mmrl.checkpoint.load_model_weights), on 2 processes sharded with torch as accelerate does."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "fsdp_checkpoint_driver.py"), mode, str(tmp_path / "model")]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    reports = {r["rank"]: r for r in (json.loads(line[len("REPORT "):]) for line in out.stdout.splitlines()
+                                      if line.startswith("REPORT "))}
+    assert set(reports) == {0, 1} and all("error" not in r for r in reports.values()), reports
+    main = reports[0]
+    assert main["optimizer_vs_unsharded"] == 0.0 and main["optimizer_reloaded_vs_unsharded"] == 0.0, main
+    assert main["gathered_vs_unsharded"] == 0.0 and main["reloaded_vs_unsharded"] == 0.0, main
+    assert main["perturbed_vs_unsharded"] > 0.5  # the shards really were overwritten before the load

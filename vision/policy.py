@@ -386,9 +386,12 @@ class VisionPolicy:
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.pad_token_id)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def save_pretrained(self, model: torch.nn.Module, path: str) -> None:
+    def save_pretrained(self, model: torch.nn.Module, path: str, state_dict: dict[str, Tensor] | None = None) -> None:
         model = unwrap_model(model)  # a PEFT model saves its adapter (no embedding layers: no hub look-up)
-        model.save_pretrained(path, **({"save_embedding_layers": False} if hasattr(model, "peft_config") else {}))
+        options = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        if state_dict is not None:  # the whole weights of a sharded model (see mmrl.policy.Policy)
+            options["state_dict"] = state_dict
+        model.save_pretrained(path, **options)
         self.processor.save_pretrained(path)
 
 
