@@ -59,8 +59,9 @@ class NonFiniteUpdates(RuntimeError):
 class UpdateGuard:
     """Decides whether an optimizer update may be applied, and counts the ones that may not."""
 
-    def __init__(self, max_consecutive: int) -> None:
+    def __init__(self, max_consecutive: int, warn: bool = True) -> None:
         self.max_consecutive = max_consecutive
+        self.warn = warn  # all processes skip together: one of them (the main one) says so
         self.skipped_total = 0
         self.consecutive = 0
 
@@ -74,8 +75,9 @@ class UpdateGuard:
         self.consecutive += 1
         what = ("loss" if not math.isfinite(loss) else "gradient" if not math.isfinite(grad_norm)
                 else "loss or gradient on another process")
-        logger.warning("optimizer step %d skipped: non-finite %s (loss=%s, grad_norm=%s); skipped so far: %d",
-                       step, what, loss, grad_norm, self.skipped_total)
+        if self.warn:
+            logger.warning("optimizer step %d skipped: non-finite %s (loss=%s, grad_norm=%s); skipped so far: %d",
+                           step, what, loss, grad_norm, self.skipped_total)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             raise NonFiniteUpdates(
                 f"{self.consecutive} optimizer updates in a row had a non-finite loss or gradient (last at step "

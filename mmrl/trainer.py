@@ -169,7 +169,7 @@ class Trainer(Resumable):
         self.rollout_step = 0
         self.global_step = 0  # optimizer update slots (a skipped non-finite update still takes its slot)
         self.metrics_logger: MetricsLogger | None = None
-        self.update_guard = UpdateGuard(cfg.max_consecutive_skips)
+        self.update_guard = UpdateGuard(cfg.max_consecutive_skips, warn=self.accelerator.is_main_process)
         self.reward_faults = RewardFaults()  # this process's missing-reward counts (warned once per kind)
         # Facts about the run that a resumed run must not re-measure (e.g. accuracy before RL, the cold
         # start's metrics): whoever drives the trainer fills it; every checkpoint carries it.

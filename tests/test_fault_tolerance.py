@@ -239,6 +239,15 @@ def test_update_guard_counts_and_aborts_after_consecutive_skips():
         guard.check(math.nan, math.nan, step=6)
 
 
+def test_only_the_main_process_warns_of_a_skipped_update_but_every_process_counts_it(caplog):
+    quiet = UpdateGuard(max_consecutive=0, warn=False)  # another process: all skip together, one says so
+    with caplog.at_level("WARNING", logger="mmrl.faults"):
+        assert not quiet.check(math.nan, 1.0, step=1)
+        assert not caplog.records
+        assert not UpdateGuard(max_consecutive=0).check(math.nan, 1.0, step=1)
+    assert quiet.skipped_total == 1 and ["optimizer step 1 skipped" in r.getMessage() for r in caplog.records] == [True]
+
+
 def test_non_finite_loss_skips_the_update_and_never_reaches_the_weights(tmp_path):
     trainer = make_trainer(make_config(tmp_path, max_steps=3, save_steps=0, save_final=False))
     real = trainer.objective
