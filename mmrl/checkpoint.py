@@ -342,7 +342,7 @@ OPTIMIZER_SHARD = "optimizer-rank-{rank}.pt"
 
 
 def save_optimizer_shard(staging: Path, rank: int, optimizer) -> None:
-    """This process's part of a sharded optimizer state (DeepSpeed ZeRO, FSDP), as the backend returns it."""
+    """This process's part of DeepSpeed ZeRO's sharded optimizer state, as the engine returns it."""
     torch.save(optimizer.state_dict(), staging / OPTIMIZER_SHARD.format(rank=rank))
 
 

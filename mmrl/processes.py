@@ -109,19 +109,19 @@ def configure_deepspeed(accelerator, max_grad_norm: float, micro_batch_size: int
     return notes
 
 
-def optimizer_sharding(accelerator) -> str | None:
-    """``"deepspeed"`` when each process holds only its part of the optimizer state and checkpoints it itself
-    (ZeRO), ``"fsdp"`` when the parts are gathered into one whole state (:func:`full_optimizer_state`), else
-    None (DDP, one process: the main process's state is everyone's)."""
+def per_process_optimizer_state(accelerator) -> bool:
+    """True under DeepSpeed, whose ZeRO optimizers hold only this process's part of the state and checkpoint it
+    so (each process its own file). FSDP's parts are gathered into one whole state instead
+    (:func:`full_optimizer_state`); under DDP or one process the main process's state is everyone's."""
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).split(".")[-1]
-    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
+    return kind == "DEEPSPEED"
 
 
 def load_sharded_optimizer(accelerator, optimizer, state) -> None:
     """Load this process's part of a sharded optimizer state. DeepSpeed's ZeRO optimizers take a list of
     every process's state and read their own entry (``state_dict_list[dp_rank]``): the others stay None here,
     so a layout that needs them (ZeRO's elastic checkpoints, a changed process count) fails loudly."""
-    if optimizer_sharding(accelerator) == "deepspeed":
+    if per_process_optimizer_state(accelerator):
         state = [state if rank == accelerator.process_index else None for rank in range(accelerator.num_processes)]
     optimizer.load_state_dict(state)
 

@@ -23,7 +23,7 @@ from mmrl.processes import (
     full_state_dict,
     load_full_optimizer_state,
     load_sharded_optimizer,
-    optimizer_sharding,
+    per_process_optimizer_state,
     whole_parameters,
 )
 
@@ -52,7 +52,7 @@ class Resumable:
         acc, cfg = self.accelerator, self.config
         shared, per_process = self._stateful()
         staging = checkpoint.staging_dir(self.output_dir, self.rollout_step)
-        sharded = optimizer_sharding(acc) == "deepspeed"  # each process then saves its own optimizer part
+        sharded = per_process_optimizer_state(acc)  # DeepSpeed: each process saves its own optimizer part
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
         # Sharded weights are gathered by every process together (collectives): ZeRO-3's in place, FSDP's into
@@ -103,7 +103,7 @@ class Resumable:
         model = acc.unwrap_model(self.model)
         with whole_parameters(model, modifier_rank=0):
             checkpoint.load_model_weights(self.model if fsdp_sharded(self.model) else model, path / "model")
-        sharded = optimizer_sharding(acc) == "deepspeed"
+        sharded = per_process_optimizer_state(acc)
         if sharded:
             load_optimizer = None
         elif fsdp_sharded(self.model):  # the whole state, by parameter name: each process keeps its shards

@@ -153,7 +153,7 @@ def test_a_sharded_optimizer_state_is_saved_per_process_and_resumes_exactly(tmp_
     tests/fsdp_checkpoint_driver.py."""
     import mmrl.resumable
 
-    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: "deepspeed")
+    monkeypatch.setattr(mmrl.resumable, "per_process_optimizer_state", lambda accelerator: True)
     straight = make_trainer(make_config(tmp_path / "straight", max_steps=2))
     straight.train()
     files = {p.name for p in (tmp_path / "straight" / "checkpoint-1").iterdir()}
@@ -164,7 +164,7 @@ def test_a_sharded_optimizer_state_is_saved_per_process_and_resumes_exactly(tmp_
     resumed.train()
     final = weights(resumed)
     assert all(torch.equal(final[k], v) for k, v in weights(straight).items())
-    monkeypatch.setattr(mmrl.resumable, "optimizer_sharding", lambda accelerator: None)
+    monkeypatch.setattr(mmrl.resumable, "per_process_optimizer_state", lambda accelerator: False)
     with pytest.raises(CheckpointError, match="shards the optimizer state"):  # resumed under another backend
         make_trainer(make_config(tmp_path / "straight", max_steps=3, resume_from="latest"))
 

@@ -86,11 +86,11 @@ def test_deepspeed_takes_the_trainers_clipping_accumulation_and_micro_batch():
 
 
 def test_sharded_optimizer_state_is_per_process_and_deepspeed_reads_its_own_entry():
-    from mmrl.processes import load_sharded_optimizer, optimizer_sharding
+    from mmrl.processes import load_sharded_optimizer, per_process_optimizer_state
 
-    assert optimizer_sharding(_Accelerator(distributed_type="MULTI_CPU")) is None
-    assert optimizer_sharding(_Accelerator(distributed_type="DistributedType.DEEPSPEED")) == "deepspeed"
-    assert optimizer_sharding(_Accelerator(distributed_type="FSDP")) == "fsdp"
+    assert not per_process_optimizer_state(_Accelerator(distributed_type="MULTI_CPU"))
+    assert per_process_optimizer_state(_Accelerator(distributed_type="DistributedType.DEEPSPEED"))
+    assert not per_process_optimizer_state(_Accelerator(distributed_type="FSDP"))  # gathered whole instead
     loaded = []
     optimizer = type("Optimizer", (), {"load_state_dict": lambda self, state: loaded.append(state)})()
     load_sharded_optimizer(_Accelerator(distributed_type="DEEPSPEED", processes=3, index=1), optimizer, {"mine": 1})
