@@ -11,16 +11,28 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _sections  # noqa: E402
 
 from image_gen.gpt import GPT, get_config
 from image_gen.sampling import sample_image_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+SECTION = "cfg_kv_cache"
+HEADING = """## CFG sampling: KV cache vs none
+
+`python bench/cfg_kv_cache.py --write` (one row per run): GPT-tiny, the same calls with and without the KV
+cache, alternating, medians. Target ≥ 5×.
+
+| date | what | measured | ratio | machine |
+|---|---|---|---|---|"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="conditions per call (CFG doubles the batch)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="append the result row to BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="add the result row to its table in BENCHMARKS.md")
     return parser.parse_args(argv)
 
 
@@ -52,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             f"torch {torch.__version__} |")
     print(line)
     if args.write:
-        with BENCHMARKS.open("a") as f:
-            f.write(line + "\n")
+        BENCHMARKS.write_text(_sections.append_row(BENCHMARKS.read_text(), SECTION, HEADING, line))
+        print(f"updated {BENCHMARKS}")
 
 
 if __name__ == "__main__":

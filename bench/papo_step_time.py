@@ -16,10 +16,14 @@ import copy
 import datetime
 import platform
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _sections  # noqa: E402
 
 from mmrl.config import load_config
 from mmrl.trainer import Trainer
@@ -27,6 +31,14 @@ from vision import task as vision_task
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+SECTION = "papo_step_time"
+HEADING = """## PAPO / GRPO step time
+
+`python bench/papo_step_time.py --write` (one row per run): `configs/vision/papo_grpo_tiny.yaml`, the same
+weights, one GRPO and one PAPO step alternating, medians after warm-up. Target ≤ 1.3.
+
+| date | what | measured | ratio | machine |
+|---|---|---|---|---|"""
 
 
 def build_trainer(papo: bool, base, out_dir: str) -> Trainer:
@@ -51,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--write", action="store_true", help="append the result row to BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="add the result row to its table in BENCHMARKS.md")
     return parser.parse_args(argv)
 
 
@@ -78,13 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(target ≤ 1.3) | {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} |")
     print(line)
     if args.write:
-        path = BENCHMARKS
-        if not path.exists():
-            path.write_text("# Benchmarks\n\nRatios are measured side by side in one run (see each script's docstring).\n\n"
-                            "| date | what | measured | ratio | machine |\n|---|---|---|---|---|\n")
-        with path.open("a") as f:
-            f.write(line + "\n")
-
+        BENCHMARKS.write_text(_sections.append_row(BENCHMARKS.read_text(), SECTION, HEADING, line))
+        print(f"updated {BENCHMARKS}")
 
 if __name__ == "__main__":
     main()

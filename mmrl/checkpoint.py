@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmrl.processes import load_full_state_dict, whole_parameters
+from mmrl.processes import load_full_state_dict, own_class, whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -403,12 +403,12 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     for file in files:
         state.update(load_file(str(file)))
     module = getattr(model, "module", model) if type(model).__name__ == "FullyShardedDataParallel" else model
-    if set(state) != set(model.state_dict()) and hasattr(type(module), "from_pretrained"):
+    if set(state) != set(model.state_dict()) and hasattr(own_class(module), "from_pretrained"):
         # transformers may save under a different key layout than the module uses (e.g. Qwen2.5-VL's
         # legacy names); its own loader knows the mapping.
         # Under DeepSpeed ZeRO-3 transformers builds that copy partitioned (empty tensors): gather it first.
         dtype = next(model.parameters()).dtype
-        legacy = type(module).from_pretrained(str(directory), dtype=dtype)
+        legacy = own_class(module).from_pretrained(str(directory), dtype=dtype)
         with whole_parameters(legacy):
             state = {key: value.clone() for key, value in legacy.state_dict().items()}
     result = load_full_state_dict(model, state)  # under FSDP: each process keeps its shards

@@ -150,6 +150,25 @@ def fsdp_sharded(model: torch.nn.Module) -> bool:
         type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
 
 
+@contextlib.contextmanager
+def whole_root_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """For work that calls the model's inner modules rather than its top-level forward — generation (the
+    decode loop runs the language model and the head step by step) and evaluation. FSDP1 keeps the weights
+    its root unit owns (embeddings, head, final norm, the vision tower's patch embedding) whole only inside
+    the root's forward, and a 1-D slice of its flat parameter elsewhere; they are gathered here (not the
+    nested units': their own forwards gather those), as TRL does around generation. A collective: every
+    process generates together. Other backends need nothing: DDP and ZeRO-2 hold whole weights, ZeRO-3 and
+    FSDP2 gather on each module call (FSDP2 keeps the root's and the tied embedding group's weights gathered
+    after a forward)."""
+    if type(model).__name__ != "FullyShardedDataParallel":
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+        yield
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Under FSDP the model's whole state dict, on the CPU, on the main process (on accelerators {} on the
     others) — a collective: every process calls it. None when the model's own ``state_dict()`` is already whole (one
@@ -161,7 +180,39 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     # cpu_offload also means "only the main process gets it"; with weights already on the CPU torch's FSDP1 then
     # frees the gathered storage before copying it (a segfault here, torch 2.13): there every process gets it.
     on_accelerator = next(model.parameters()).device.type != "cpu"
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
+    # Tied parameters (lm_head = embed_tokens) come back as separate copies; the model's own state_dict() has
+    # one tensor under both names, which is what transformers' save_pretrained recognises (and saves once).
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        names_of.setdefault(id(parameter), []).append(clean)
+    for names in names_of.values():
+        present = [name for name in names if name in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    return state
+
+
+def own_class(module: torch.nn.Module) -> type:
+    """The class ``module`` was built as: FSDP2's ``fully_shard`` swaps it for a subclass (``FSDP<Class>``), which
+    transformers' look-ups by class name (its checkpoint key conversions) do not know."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    return next(base for base in cls.__mro__ if not issubclass(base, FSDPModule)) if issubclass(cls, FSDPModule) else cls
+
+
+@contextlib.contextmanager
+def as_own_class(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` with its :func:`own_class` for the duration (for saving: transformers then writes the same
+    checkpoint keys as for the unsharded model; nothing may run the module's forward meanwhile)."""
+    sharded = type(module)
+    module.__class__ = own_class(module)
+    try:
+        yield
+    finally:
+        module.__class__ = sharded
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]):

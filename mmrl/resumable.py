@@ -18,6 +18,7 @@ import torch
 from mmrl import checkpoint
 from mmrl.checkpoint import CheckpointError
 from mmrl.processes import (
+    as_own_class,
     fsdp_sharded,
     full_optimizer_state,
     full_state_dict,
@@ -63,8 +64,9 @@ class Resumable:
             if acc.is_main_process:
                 previous = checkpoint.latest_checkpoint(self.output_dir)
                 checkpoint.begin_save(self.output_dir, self.rollout_step)
-                self.policy.save_pretrained(model, str(staging / "model"),
-                                            **({} if whole is None else {"state_dict": whole}))
+                with as_own_class(model):  # FSDP2's class is unknown to transformers' key conversions
+                    self.policy.save_pretrained(model, str(staging / "model"),
+                                                **({} if whole is None else {"state_dict": whole}))
                 state = {"rollout_step": self.rollout_step, "global_step": self.global_step,
                          "num_processes": acc.num_processes, "run_info": self.run_info,
                          **{name: c.state_dict() for name, c in shared.items()}}

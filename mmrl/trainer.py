@@ -50,7 +50,13 @@ from mmrl.loss_terms import MicroBatch, build_loss_terms
 from mmrl.objectives import ObjectiveParams, get_objective, objective_spec
 from mmrl.perception import CollapseMonitor, MaskedViewPolicy
 from mmrl.policy import Policy, Rollout, Sampling
-from mmrl.processes import configure_deepspeed, end_processes, ignored_backend, make_accelerator
+from mmrl.processes import (
+    configure_deepspeed,
+    end_processes,
+    ignored_backend,
+    make_accelerator,
+    whole_root_parameters,
+)
 from mmrl.reference import Reference
 from mmrl.resumable import Resumable
 from mmrl.rewards import RewardFaults, RewardFn, build_reward, compute_rewards, get_reward, reward_name
@@ -315,7 +321,7 @@ class Trainer(Resumable):
         start = time.perf_counter()
         records = self.sampler.next_batch(self.rollout_step)  # the step picks the stage (data.stages)
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), whole_root_parameters(self.model):
             rollout = self._with_rollout_model(
                 lambda model: self.rollout_source(self.policy, acc.unwrap_model(model), records, cfg.group_size,
                                                   cfg.sampling))
@@ -553,7 +559,7 @@ class Trainer(Resumable):
             reward = build_reward(reward, args)
         # Its own random streams, restored afterwards: evaluating (or not) never shifts the training run's
         # randomness, and a resumed run evaluates exactly like the uninterrupted one.
-        with isolated_rng(cfg.seed):
+        with isolated_rng(cfg.seed), whole_root_parameters(self.model):
             return evaluate_policy(self.policy, self.accelerator.unwrap_model(self.model), dataset, reward, sampling,
                                    batch_size=cfg.eval.batch_size, max_samples=max_samples,
                                    show_progress=cfg.logging.progress_bar, reward_timeout=cfg.reward_timeout)

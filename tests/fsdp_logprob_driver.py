@@ -1,9 +1,12 @@
 """Driver for tests/test_multiprocess_training.py: are the vision policy's log-probs and gradients right when
-the model is sharded with FSDP? (accelerate runs FSDP on accelerators only, so this shards with torch itself,
-the way accelerate does: each of the model's ``_no_split_modules`` its own unit, then the root.)
+the model is sharded with FSDP? This shards with torch itself: each of the model's ``_no_split_modules`` its
+own unit, then the root. (accelerate's FSDP2 also puts the tied embeddings and head in a group of their own,
+which broke the gradient of the tied weight until the head moved into its own forward call: that sharding is
+checked through the trainer, tests/sharded_training_check.py.)
 
 ``VisionPolicy.log_probs`` applies the output head (``get_output_embeddings()``) to the final hidden states
-inside the wrapped forward (a hook on the top module), where FSDP1 has the head's weight whole; outside it
+inside the wrapped forward (the model's own call of the head returns the log-probs: vision.output_head), where
+FSDP1 has the head's weight whole; outside it
 the weight is this rank's 1-D shard of the FlatParameter (reported as ``head_shape_outside_forward``). Each rank scores its own rollout; the unsharded reference scores both
 and averages the gradients (as the sharded run's reduce-scatter does). Prints one JSON line per rank.
 

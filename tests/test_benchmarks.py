@@ -399,3 +399,16 @@ def test_memory_slope_write_replaces_its_section(tmp_path, monkeypatch):
     assert text.count("<!-- memory_slope:start -->") == 1 and text.count("<!-- memory_slope:end -->") == 1
     assert "`python bench/memory_slope.py --steps 40 --warmup 10 --write`" in text
     assert "600.5 MiB | 602.0 MiB | **+5.00 MiB / 100 steps**" in text
+
+
+def test_history_rows_go_into_their_own_section_not_the_end_of_the_file():
+    """papo_step_time / cfg_kv_cache keep one row per run: rows are added inside their section, so a later
+    section of BENCHMARKS.md never ends up with another benchmark's rows under it."""
+    sections = load_bench(ROOT / "bench" / "_sections.py")
+    heading = "## PAPO\n\n| date | ratio |\n|---|---|"
+    text = sections.append_row("# Benchmarks\n", "papo", heading, "| d1 | 1.0 |")
+    text = sections.update_section(text, "## Other\n\n| x |\n|---|\n| 9 |", "other")  # a section after it
+    text = sections.append_row(text, "papo", heading, "| d2 | 1.1 |")
+    papo = text.split("<!-- papo:start -->")[1].split("<!-- papo:end -->")[0]
+    assert papo.strip().splitlines()[-2:] == ["| d1 | 1.0 |", "| d2 | 1.1 |"] and papo.count("## PAPO") == 1
+    assert text.rstrip().endswith("<!-- other:end -->") and "| d2 |" not in text.split("<!-- other:start -->")[1]

@@ -45,16 +45,19 @@ def colour_bias(policy: VisionPolicy, value: float = 30.0):
     ids = [policy.tokenizer.encode(c) for c in COLOURS]
     assert all(len(i) == 1 for i in ids)
 
-    def hook(module, args, output):
-        output = output.clone()
+    head = policy.model.get_output_embeddings()
+    project = head.forward
+
+    def biased(hidden):  # the head's forward, which generation and scoring both call (vision.output_head)
+        output = project(hidden).clone()
         output[..., [i[0] for i in ids]] += value
         return output
 
-    handle = policy.model.get_output_embeddings().register_forward_hook(hook)
+    head.forward = biased
     try:
         yield
     finally:
-        handle.remove()
+        del head.forward
 
 
 # ------------------------------------------------------------------------------------------ scoring mode

@@ -149,7 +149,7 @@ def test_resume_latest_without_checkpoint_starts_fresh_and_process_count_must_ma
 
 def test_a_sharded_optimizer_state_is_saved_per_process_and_resumes_exactly(tmp_path, monkeypatch):
     """The checkpoint path of DeepSpeed ZeRO (each process saves and loads its own optimizer part), exercised in
-    one process; the 2-process DeepSpeed runs: tests/deepspeed_check.py, FSDP's gathering:
+    one process; the 2-process DeepSpeed runs: tests/sharded_training_check.py, FSDP's gathering:
     tests/fsdp_checkpoint_driver.py."""
     import mmrl.resumable
 

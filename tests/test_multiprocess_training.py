@@ -26,9 +26,11 @@ Every loss type is trained 3 steps with a KL term (β=0.04), and the per-step lo
 norm and reward and the final weights must agree within float tolerance.
 
 **accelerate config files** (:func:`test_accelerate_config_trains_on_two_cpu_processes`):
-``configs/accelerate/ddp.yaml`` trains 2 steps of the vision demo on 2 CPU processes. FSDP and DeepSpeed do
-not run on CPU under accelerate (``configs/accelerate/README.md``); :func:`test_fsdp_log_probs` shards with
-torch directly to check the policy's log-prob head under FSDP2 (right) and FSDP1 (fails).
+``configs/accelerate/ddp.yaml`` trains 2 steps of the vision demo on 2 CPU processes. accelerate starts FSDP
+only on accelerators (``configs/accelerate/README.md``): the trainer's FSDP runs set accelerate's state to
+FSDP on CPU processes and let accelerate shard the model as on GPUs
+(:func:`test_the_trainer_under_fsdp_trains_like_ddp_resumes_exactly_and_skips_non_finite_updates`); the
+log-prob head and the checkpoints are also checked under torch's own sharding (the ``fsdp_*_driver`` files).
 """
 
 from __future__ import annotations
@@ -138,6 +140,20 @@ def test_fsdp1_log_probs_and_gradients_match_unsharded():
     assert len(reports) == 2
     assert all("error" not in report for report in reports), reports
     assert all(r["scoring_max_abs_err"] < 1e-5 and r["grad_max_rel_err"] < 1e-4 for r in reports), reports
+
+
+def test_the_trainer_under_fsdp_trains_like_ddp_resumes_exactly_and_skips_non_finite_updates(tmp_path):
+    """``mmrl train`` under FSDP2 and FSDP1 (accelerate's own sharding; its state set to FSDP, which accelerate
+    only picks on accelerators) against DDP, 2 CPU processes each: rewards and gradient norms per step equal,
+    weights close, the same checkpoint layout, exact resume, a NaN micro-batch skipped
+    (tests/sharded_training_check.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import sharded_training_check
+
+    report = sharded_training_check.main(["--backends", *sharded_training_check.FSDP, "--out", str(tmp_path)])
+    for backend in sharded_training_check.FSDP:
+        assert report[f"{backend}: 2 steps + resume to 4 vs 4 straight (max difference)"] == 0.0
+        assert report[f"{backend}: weights vs DDP after 2 steps (relative to the largest weight)"] < 1e-4
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])

@@ -143,10 +143,11 @@ def test_deepspeed_trains_like_ddp_resumes_exactly_and_skips_non_finite_updates(
     import pytest
 
     if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (optional): python tests/deepspeed_check.py runs these checks")
+        pytest.skip("deepspeed is not installed (optional): python tests/sharded_training_check.py --backends "
+                    "zero2 zero3 zero3_partitioned runs these checks")
     sys.path.insert(0, str(Path(__file__).parent))
-    import deepspeed_check
+    import sharded_training_check
 
-    report = deepspeed_check.main(["--out", str(tmp_path)])
-    assert report["zero2: 2 steps + resume to 4 vs 4 straight (max difference)"] == 0.0
-    assert report["zero3: 2 steps + resume to 4 vs 4 straight (max difference)"] == 0.0
+    report = sharded_training_check.main(["--backends", *sharded_training_check.DEEPSPEED, "--out", str(tmp_path)])
+    for backend in sharded_training_check.DEEPSPEED:
+        assert report[f"{backend}: 2 steps + resume to 4 vs 4 straight (max difference)"] == 0.0

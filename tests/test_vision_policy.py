@@ -55,18 +55,22 @@ def _text_only_record() -> dict:
 
 @contextlib.contextmanager
 def logit_bias(model, bias: dict[int, float]):
-    """Add constant biases to some vocabulary entries of the LM head's output (generation and scoring alike)."""
-    def hook(module, args, output):
-        output = output.clone()
+    """Add constant biases to some vocabulary entries of the LM head's output (generation and scoring alike:
+    the head's ``forward`` is wrapped, the function scoring projects each slice with; vision.output_head)."""
+    head = model.get_output_embeddings()
+    project = head.forward
+
+    def biased(hidden):
+        output = project(hidden).clone()
         for token, value in bias.items():
             output[..., token] += value
         return output
 
-    handle = model.get_output_embeddings().register_forward_hook(hook)
+    head.forward = biased
     try:
         yield
     finally:
-        handle.remove()
+        del head.forward
 
 
 def _eos_bias(policy: VisionPolicy, value: float = 5.0) -> dict[int, float]:

@@ -32,7 +32,8 @@ from mmrl.policy import Rollout, SampleInputs, Sampling, unwrap_model
 from vision.decoding import sample_tokens
 from vision.masking import MaskingConfig, mask_images
 from vision.modeling import pixel_bounds, resize_image
-from vision.shared_prompt import checkpointing_active, prompt_groups, shared_prompt_forward
+from vision.output_head import head_returns
+from vision.shared_prompt import causal_lm, checkpointing_active, prompt_groups, shared_prompt_forward
 from vision.shared_vision import ImagePlan, plan_images, prefill_groups, shared_image_features, vision_model
 
 Tensor = torch.Tensor
@@ -305,8 +306,8 @@ class VisionPolicy:
         completion_ids = rollout.completion_ids.to(device)
         completion_mask = rollout.completion_mask.to(device)
 
-        def head(lm: torch.nn.Module, hidden: Tensor) -> Tensor:
-            logp, entropy = token_logprobs(hidden, completion_ids, lm.get_output_embeddings(),
+        def head(project, hidden: Tensor) -> Tensor:
+            logp, entropy = token_logprobs(hidden, completion_ids, project,
                                            temperature=rollout.temperature, chunk_size=self.logprob_chunk_size,
                                            with_entropy=with_entropy)
             return logp.unsqueeze(-1) if entropy is None else torch.stack([logp, entropy], dim=-1)
@@ -329,26 +330,18 @@ class VisionPolicy:
         # made below from the final hidden states, in slices. Those are read off the inner model's output
         # by a hook instead of output_hidden_states, which would keep every layer's (and the vision
         # tower's) hidden states until the call returns.
-        # The head is applied inside the wrapped forward too (a hook on the top module adds the log-probs
-        # to its output): under FSDP1 / ZeRO-3 its weight is only whole there, and as part of the forward's
-        # output the log-probs make FSDP gather it again for their backward.
+        # The head is applied inside the wrapped forward too: the model's own call of its output head returns
+        # the log-probs (vision.output_head) — under FSDP / ZeRO-3 its weight is whole only there, and as the
+        # forward's output the log-probs make FSDP gather it again for their backward.
         last_hidden: list[Tensor] = []
-
-        def add_logprobs(module, args, output):
-            # In the output's own ``logits`` field (one position's logits, not used): wrappers rebuild the
-            # output from its declared fields, so an extra key would be dropped on the way out.
-            output["logits"] = head(module, last_hidden[-1][:, prompt_length - 1:-1])
-            return output
-
-        handles = [vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0])),
-                   unwrap_model(model).register_forward_hook(add_logprobs)]
+        handle = vision_model(model).register_forward_hook(lambda module, args, output: last_hidden.append(output[0]))
         try:
-            with shared_image_features(model, plan):
+            with shared_image_features(model, plan), head_returns(
+                    causal_lm(model), lambda project: head(project, last_hidden[-1][:, prompt_length - 1:-1])):
                 out = model(**inputs, logits_to_keep=1, use_cache=False)
         finally:
-            for handle in handles:
-                handle.remove()
-        # The wrapper's output, not the hook's tensors: FSDP attaches its pre-backward hooks to what it returns.
+            handle.remove()
+        # The wrapper's output, not a tensor kept aside: FSDP attaches its pre-backward hooks to what it returns.
         packed = out["logits"]
         return packed[..., 0], (packed[..., 1] if with_entropy else None)
 

@@ -14,8 +14,9 @@ repeats them), so the unshared scoring forward runs the same prompt ``G`` times.
 4. the output head on the last prompt position and the suffix positions → the completion's log-probs.
 
 Both passes run inside one call of the wrapped model: the inner ``Qwen*VLModel``'s ``forward`` is swapped
-for the two passes for the duration of the call, and the head is applied by a hook on the top model (as in
-the unshared scoring), so DDP sees one forward per backward, FSDP gathers the head inside it, and an
+for the two passes for the duration of the call, and the model's own call of its output head returns the
+log-probs (:mod:`vision.output_head`, as in the unshared scoring), so DDP sees one forward per backward,
+FSDP / ZeRO-3 have the head's weight whole inside it, and an
 autocast wrapper around the top model's forward still applies. Positions after a
 completion's stop token differ from the unshared forward's, but they come after every valid token (causal
 attention) and are outside the loss. Activation checkpointing of the language model cannot keep a cache, so
@@ -29,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from mmrl.policy import SampleInputs, unwrap_model
+from vision.output_head import head_returns
 from vision.shared_vision import ImagePlan, shared_image_features, vision_model
 
 Tensor = torch.Tensor
@@ -82,8 +84,9 @@ def _prompt_positions(base: torch.nn.Module, prompt: dict[str, Tensor]) -> tuple
 
 def shared_prompt_forward(model: torch.nn.Module, prompt: dict[str, Tensor], plan: ImagePlan | None,
                           row_to_prompt: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                          head: Callable[[torch.nn.Module, Tensor], Tensor]) -> Tensor:
-    """``head(lm, hidden [B, T, H])`` of every completion position (the hidden state that predicts each
+                          head: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]) -> Tensor:
+    """``head(project, hidden [B, T, H])`` of every completion position (``project``: the output head's
+    forward, see :mod:`vision.output_head`) (the hidden state that predicts each
     completion token), computed with each of the ``U`` prompts in ``prompt`` run once; see the module
     docstring. ``prompt`` holds the model inputs of the unique prompts (``plan``: their unique images)."""
     lm = causal_lm(model)
@@ -114,19 +117,12 @@ def shared_prompt_forward(model: torch.nn.Module, prompt: dict[str, Tensor], pla
         hidden_out.append(hidden)
         return type(out)(last_hidden_state=hidden)
 
-    def add_head(module, args, output):
-        # in the output's own ``logits`` field: wrappers rebuild outputs from their declared fields
-        output["logits"] = head(lm, hidden_out[-1])
-        return output
-
     own = vars(base).get("forward")
     base.forward = two_passes  # the top model's forward (and any wrapper around it) calls self.model(...)
-    handle = lm.register_forward_hook(add_head)
     try:
-        with shared_image_features(model, plan):
+        with shared_image_features(model, plan), head_returns(lm, lambda project: head(project, hidden_out[-1])):
             out = model(**prompt, logits_to_keep=1, use_cache=False)
     finally:
-        handle.remove()
         if own is not None:
             base.forward = own
         else:

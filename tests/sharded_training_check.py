@@ -1,24 +1,34 @@
-"""The DeepSpeed checks of configs/accelerate/README.md, end to end on 2 CPU processes (needs ``deepspeed``).
+"""The trainer under sharded backends, end to end on 2 CPU processes, against DDP (configs/accelerate/README.md).
 
-DeepSpeed is not a dependency: install it aside (e.g. a venv on top of the project's, ``pip install
---no-build-isolation deepspeed``) and run this file with that interpreter. It launches ``mmrl train`` on the
-vision demo without a cold start, with the reward :func:`distinct_characters` (so that advantages are not all
-zero on the untrained model), under DDP, ZeRO-2 and ZeRO-3, and checks:
+Launches ``mmrl train`` on the vision demo without a cold start, with the reward :func:`distinct_characters`
+(so that advantages are not all zero on the untrained model), under DDP and each backend asked for, and checks:
 
 1. the same training: rewards and gradient norms per step equal DDP's to 1e-5; weights close (Adam's first
    steps magnify float-rounding differences of the gradient reduction: the printed figure is the largest
    difference relative to the largest weight);
 2. exact resume: 2 steps, then a resumed run to 4, against 4 steps straight — identical weights;
 3. a non-finite update (the objective returns NaN for one micro-batch) is skipped and counted, and the
-   weights stay finite;
+   weights stay finite.
 
-also for ZeRO-3 with every parameter partitioned (``zero3_partitioned``: the tiny model's parameters are all
-below the size ZeRO-3 partitions by default).
+Backends:
 
-    python tests/deepspeed_check.py [--out DIR]
+- ``fsdp2``, ``fsdp1`` (``configs/accelerate/fsdp2.yaml``, ``fsdp.yaml``): accelerate turns an FSDP launch into
+  FSDP only on accelerators; on CPU processes it trains as DDP. These runs therefore set accelerate's state to
+  FSDP right after the trainer makes its ``Accelerator`` (``--force-fsdp``, test-only), so that ``prepare``
+  shards the model exactly as it does on GPUs (``fully_shard`` / ``FullyShardedDataParallel`` over the
+  model's ``_no_split_modules``); the check asserts the parameters really are sharded. FSDP1 runs with
+  ``fsdp_sync_module_states: false`` (its plugin looks for a GPU to broadcast from; every process builds
+  the same weights from the seed anyway). Needs nothing beyond the project's dependencies.
+- ``zero2``, ``zero3``, ``zero3_partitioned`` (ZeRO-3 with every parameter partitioned: the tiny model's
+  parameters are all below the size ZeRO-3 partitions by default): need ``deepspeed``, which is not a
+  dependency — install it aside (e.g. a venv on top of the project's, ``pip install --no-build-isolation
+  deepspeed``) and run this file with that interpreter.
 
-``tests/test_processes.py`` runs it when ``deepspeed`` is importable. Internally the file is also the command
-the launches run (``--as-cli``: ``mmrl``'s command line, optionally with the NaN injected).
+    python tests/sharded_training_check.py [--backends fsdp2 fsdp1 zero2 zero3 zero3_partitioned] [--out DIR]
+
+``tests/test_multiprocess_training.py`` runs the FSDP backends, ``tests/test_processes.py`` the DeepSpeed ones
+where ``deepspeed`` is importable. Internally the file is also the command the launches run (``--as-cli``:
+``mmrl``'s command line, optionally with FSDP forced and a NaN injected).
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = {"ddp": "ddp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml",
-            "zero3_partitioned": None}  # written by partitioned_zero3_config
+BACKENDS = {"ddp": "ddp.yaml", "fsdp2": "fsdp2.yaml", "fsdp1": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml",
+            "zero3": "deepspeed_zero3.yaml", "zero3_partitioned": None}  # written by partitioned_zero3_config
+FSDP = ("fsdp2", "fsdp1")
+DEEPSPEED = ("zero2", "zero3", "zero3_partitioned")
 # ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole, i.e. all of the tiny
 # model's: this variant partitions every one, as ZeRO-3 does a real model's (set in a DeepSpeed JSON file,
 # which accelerate's YAML keys cannot express).
@@ -59,8 +71,57 @@ def distinct_characters(prompts, completions, **kwargs) -> list[float]:
     return [len(set(str(c))) / 10.0 for c in completions]
 
 
+def force_fsdp() -> None:
+    """Make the trainer's ``Accelerator`` an FSDP one on CPU processes (accelerate only does so on accelerators:
+    ``AcceleratorState`` picks FSDP inside its ``MULTI_GPU/...`` branch). The plugin is accelerate's own, from
+    the launch's ``FSDP_*`` environment; the sharding itself is accelerate's ``prepare``. Refuses to train if the
+    model did not come out sharded."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    import mmrl.trainer
+    from mmrl.processes import fsdp_sharded
+
+    make = mmrl.trainer.make_accelerator
+
+    def make_fsdp_accelerator(**kwargs):
+        accelerator = make(**kwargs)
+        # AcceleratorState copies the process state's fields whenever it is constructed again (accelerate does
+        # so internally): set both. accelerate's CPU processes say "cpu:0", FSDP1 compares that with its
+        # parameters' "cpu" and stops.
+        for state in (accelerator.state, PartialState()):
+            state.distributed_type = DistributedType.FSDP
+            state.device = torch.device("cpu")
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        return accelerator
+
+    mmrl.trainer.make_accelerator = make_fsdp_accelerator
+    init = mmrl.trainer.Trainer.__init__
+
+    def init_and_check(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not fsdp_sharded(self.model):
+            raise SystemExit(f"--force-fsdp: the model is not sharded ({type(self.model).__name__})")
+        print(f"sharded: {type(self.model).__name__}, {self.accelerator.distributed_type}", flush=True)
+
+    mmrl.trainer.Trainer.__init__ = init_and_check
+    apply_update = mmrl.trainer.Trainer._apply_update
+
+    def apply_update_under_fsdp(self, sums):
+        # the forced state must hold for the whole run (clipping, for one, asks it which norm to take)
+        assert self.accelerator.distributed_type == DistributedType.FSDP, self.accelerator.distributed_type
+        return apply_update(self, sums)
+
+    mmrl.trainer.Trainer._apply_update = apply_update_under_fsdp
+
+
 def as_cli(argv: list[str]) -> int:
-    """``mmrl`` with, for ``--nan-at N``, the N-th objective call (a micro-batch) returning NaN."""
+    """``mmrl`` with ``--force-fsdp`` (see :func:`force_fsdp`) and, for ``--nan-at N``, the N-th objective call
+    (a micro-batch) returning NaN."""
+    if argv[:1] == ["--force-fsdp"]:
+        force_fsdp()
+        argv = argv[1:]
     if argv[:1] == ["--nan-at"]:
         import mmrl.trainer
 
@@ -83,21 +144,28 @@ def as_cli(argv: list[str]) -> int:
 
 def launch(backend: str, output: Path, steps: int, *extra: str, nan_at: int | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if backend == "ddp":
-        env["ACCELERATE_USE_CPU"] = "1"  # CPU processes need it for DDP (see configs/accelerate/README.md)
+    if backend not in DEEPSPEED:
+        env["ACCELERATE_USE_CPU"] = "1"  # CPU processes need it for DDP/FSDP (see configs/accelerate/README.md)
     config = (ROOT / "configs" / "accelerate" / BACKENDS[backend] if BACKENDS[backend]
               else partitioned_zero3_config(output.parent / "configs"))
+    if backend == "fsdp1":  # the plugin would look for a GPU to broadcast the weights from
+        text = config.read_text().replace("fsdp_sync_module_states: true", "fsdp_sync_module_states: false")
+        config = output.parent / "configs" / config.name
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(text)
     # (a DeepSpeed JSON file and accelerate's --mixed_precision may not be given together)
     precision = ["--mixed_precision", "no"] if BACKENDS[backend] else []
+    options = (["--force-fsdp"] if backend in FSDP else []) + (["--nan-at", str(nan_at)] if nan_at else [])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--num_processes", "2", *precision,
-               __file__, "--as-cli", *(["--nan-at", str(nan_at)] if nan_at else []), "train", "configs/vision/demo.yaml",
+               "--num_processes", "2", *precision, __file__, "--as-cli", *options, "train", "configs/vision/demo.yaml",
                f"max_steps={steps}", "cold_start.steps=0", "mixed_precision='no'", "optim.lr=1e-2", "micro_batch_size=16",
                "save_steps=1", f"rewards=[{{name: {__file__}:distinct_characters, weight: 1.0}}]",
-               f"output_dir={output}", *extra]
+               "logging.progress_bar=false", f"output_dir={output}", *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{backend} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    if backend in FSDP:
+        assert result.stdout.count("sharded: ") == 2, result.stdout[-3000:]  # both processes hold shards
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
@@ -109,18 +177,20 @@ def weights(run: Path, step: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", choices=[*FSDP, *DEEPSPEED], default=[*FSDP, *DEEPSPEED])
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
-    out = args.out or Path(tempfile.mkdtemp(prefix="mmrl-deepspeed-"))
+    out = args.out or Path(tempfile.mkdtemp(prefix="mmrl-sharded-"))
     report: dict = {}
     ddp = launch("ddp", out / "ddp", 4)
     reference = weights(out / "ddp", 2)
-    for backend in ("zero2", "zero3", "zero3_partitioned"):
+    for backend in args.backends:
         straight = launch(backend, out / backend, 4)
-        for mine, theirs in zip(straight, ddp):
+        for mine, theirs in zip(straight, ddp, strict=True):
             for key in ("reward", "grad_norm"):
                 assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (backend, key, mine, theirs)
         at_two = weights(out / backend, 2)
+        assert set(at_two) == set(reference), (backend, sorted(set(at_two) ^ set(reference))[:5])  # same layout
         scale = max(v.abs().max().item() for v in reference.values())
         report[f"{backend}: weights vs DDP after 2 steps (relative to the largest weight)"] = max(
             (at_two[k] - reference[k]).abs().max().item() for k in reference) / scale
