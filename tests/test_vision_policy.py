@@ -275,6 +275,30 @@ def test_log_probs_chunking_does_not_change_values(setup, synthetic_records):
     _assert_close_on_mask(a, b, rollout.completion_mask, atol=1e-6)
 
 
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_scoring_calls_the_output_head_module_once(setup, synthetic_records, share_prompt):
+    """Sharded backends hook the head module: FSDP2 (accelerate groups it with the tied embeddings) treats each
+    further call as a new forward and reduces the group's gradient too early. Scoring therefore calls the head
+    module once — the model's own call — which returns the log-probs (vision.output_head); the slices are
+    projected inside it, by the head's forward function (no hooks). Gradients still reach the head."""
+    model, processor, policy = setup
+    torch.manual_seed(5)
+    rollout = policy.generate(model, synthetic_records[:2], 2, Sampling(max_new_tokens=5))
+    scorer = VisionPolicy(model, processor, logprob_chunk_size=3, share_prompt=share_prompt)  # several slices
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda module, args, output: calls.append(output))
+    try:
+        model.zero_grad()
+        logp, _ = scorer.log_probs(model, rollout)
+        (logp * rollout.completion_mask).sum().backward()
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and calls[0].shape == (*rollout.completion_ids.shape, 1)  # the log-probs
+    _assert_close_on_mask(logp.detach(), direct_logprobs(model, rollout), rollout.completion_mask)
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+    assert "forward" not in vars(model.get_output_embeddings())  # restored
+
+
 def test_select_subsets_consistently(setup, synthetic_records):
     model, _, policy = setup
     records = _mixed_records(synthetic_records)
