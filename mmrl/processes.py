@@ -79,6 +79,21 @@ def ignored_backend(distributed_type: str, environ: Mapping[str, str] | None = N
     return None
 
 
+def unsupported_setup(accelerator, model: torch.nn.Module) -> str | None:
+    """Why the run cannot train ``model`` under ``accelerator``'s backend, or None.
+
+    A PEFT adapter under FSDP1: PEFT picks the adapter's entries of a state dict by the names of its modules,
+    which FSDP1 prefixes (``_fsdp_wrapped_module.``) while the gathered state dict does not — the checkpoint's
+    adapter came out empty (measured: 0 of 28 tensors) and could not be loaded back. FSDP2 keeps the names:
+    there an adapter trains like under DDP and resumes exactly."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    fsdp1 = str(accelerator.distributed_type).endswith("FSDP") and getattr(plugin, "fsdp_version", 1) == 1
+    if fsdp1 and hasattr(model, "peft_config"):
+        return ("a LoRA adapter (model.lora) cannot be checkpointed under FSDP1 (PEFT looks its weights up by "
+                "module names, which FSDP1 changes): launch with FSDP2 (configs/accelerate/fsdp2.yaml) instead")
+    return None
+
+
 def configure_deepspeed(accelerator, max_grad_norm: float, micro_batch_size: int) -> list[str]:
     """Fit the DeepSpeed engine's settings to the trainer's, before ``prepare``; returns what it overrode
     (empty when DeepSpeed is not running).

@@ -55,6 +55,7 @@ from mmrl.processes import (
     end_processes,
     ignored_backend,
     make_accelerator,
+    unsupported_setup,
     whole_root_parameters,
 )
 from mmrl.reference import Reference
@@ -163,6 +164,8 @@ class Trainer(Resumable):
         self.updates_per_step = cfg.algorithm.ppo_epochs * math.ceil(self.rollout_size / self.mini_batch_size)
         scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                   num_training_steps=cfg.max_steps * self.updates_per_step)
+        if (reason := unsupported_setup(self.accelerator, model)) is not None:
+            raise ValueError(reason)
         for note in configure_deepspeed(self.accelerator, cfg.optim.max_grad_norm, cfg.micro_batch_size):
             if self.accelerator.is_main_process:
                 logger.warning(note)

@@ -24,7 +24,10 @@ Backends:
   dependency — install it aside (e.g. a venv on top of the project's, ``pip install --no-build-isolation
   deepspeed``) and run this file with that interpreter.
 
-    python tests/sharded_training_check.py [--backends fsdp2 fsdp1 zero2 zero3 zero3_partitioned] [--out DIR]
+    python tests/sharded_training_check.py [--backends fsdp2 fsdp1 zero2 zero3 zero3_partitioned] [--lora] [--out DIR]
+
+With ``--lora`` every run (DDP included) trains a LoRA adapter with a KL term, and the adapter's weights are
+compared (FSDP1 refuses an adapter: ``mmrl.processes.unsupported_setup``).
 
 ``tests/test_multiprocess_training.py`` runs the FSDP backends, ``tests/test_processes.py`` the DeepSpeed ones
 where ``deepspeed`` is importable. Internally the file is also the command the launches run (``--as-cli``:
@@ -170,22 +173,31 @@ def launch(backend: str, output: Path, steps: int, *extra: str, nan_at: int | No
 
 
 def weights(run: Path, step: int) -> dict:
+    """The checkpoint's trained weights: the model's, or a LoRA adapter's."""
     from safetensors.torch import load_file
 
-    return load_file(str(run / f"checkpoint-{step}" / "model" / "model.safetensors"))
+    directory = run / f"checkpoint-{step}" / "model"
+    adapter = directory / "adapter_model.safetensors"
+    weights = load_file(str(adapter if adapter.exists() else directory / "model.safetensors"))
+    assert weights, f"no weights in {directory}"
+    return weights
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", nargs="+", choices=[*FSDP, *DEEPSPEED], default=[*FSDP, *DEEPSPEED])
+    parser.add_argument("--lora", action="store_true",
+                        help="train a LoRA adapter (model.lora, r=4) in every run, DDP included, with a KL term (β=0.04: "
+                             "the reference is the model with its adapter disabled)")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="mmrl-sharded-"))
+    options = ["model.lora={r: 4, alpha: 8}", "algorithm.beta=0.04"] if args.lora else []
     report: dict = {}
-    ddp = launch("ddp", out / "ddp", 4)
+    ddp = launch("ddp", out / "ddp", 4, *options)
     reference = weights(out / "ddp", 2)
     for backend in args.backends:
-        straight = launch(backend, out / backend, 4)
+        straight = launch(backend, out / backend, 4, *options)
         for mine, theirs in zip(straight, ddp, strict=True):
             for key in ("reward", "grad_norm"):
                 assert abs(mine[key] - theirs[key]) <= 1e-5 * max(1.0, abs(theirs[key])), (backend, key, mine, theirs)
@@ -195,13 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
         report[f"{backend}: weights vs DDP after 2 steps (relative to the largest weight)"] = max(
             (at_two[k] - reference[k]).abs().max().item() for k in reference) / scale
         resumed = out / f"{backend}-resumed"
-        launch(backend, resumed, 2)
-        launch(backend, resumed, 4, f"resume_from={resumed / 'checkpoint-2'}")
+        launch(backend, resumed, 2, *options)
+        launch(backend, resumed, 4, *options, f"resume_from={resumed / 'checkpoint-2'}")
         final, expected = weights(resumed, 4), weights(out / backend, 4)
         difference = max((final[k] - expected[k]).abs().max().item() for k in expected)
         assert difference == 0.0, (backend, "resume", difference)
         report[f"{backend}: 2 steps + resume to 4 vs 4 straight (max difference)"] = difference
-        skipped = launch(backend, out / f"{backend}-nan", 2, nan_at=1)
+        skipped = launch(backend, out / f"{backend}-nan", 2, *options, nan_at=1)
         assert skipped[0]["update_skipped"] == 1.0 and skipped[-1]["skipped_updates"] == 1.0, skipped
         assert all(v.isfinite().all() for v in weights(out / f"{backend}-nan", 2).values())
         report[f"{backend}: NaN micro-batch"] = "update skipped and counted, weights finite"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from mmrl import cli
@@ -68,6 +69,24 @@ class _Accelerator:
     def __init__(self, plugin=None, distributed_type="MULTI_CPU", processes=1, index=0):
         self.state = type("State", (), {"deepspeed_plugin": plugin})()
         self.distributed_type, self.num_processes, self.process_index = distributed_type, processes, index
+
+
+def test_a_lora_adapter_is_refused_under_fsdp1_only():
+    """PEFT finds an adapter's weights by module names, which FSDP1 prefixes: its checkpoints came out empty."""
+    from accelerate.utils import DistributedType
+
+    from mmrl.processes import unsupported_setup
+
+    def accelerator(distributed_type, version=None):
+        plugin = None if version is None else type("Plugin", (), {"fsdp_version": version})()
+        return type("Acc", (), {"distributed_type": distributed_type,
+                                "state": type("State", (), {"fsdp_plugin": plugin})()})()
+
+    lora, plain = type("Peft", (torch.nn.Module,), {"peft_config": {}})(), torch.nn.Linear(2, 2)
+    assert "FSDP2" in unsupported_setup(accelerator(DistributedType.FSDP, 1), lora)
+    assert unsupported_setup(accelerator(DistributedType.FSDP, 2), lora) is None
+    assert unsupported_setup(accelerator(DistributedType.FSDP, 1), plain) is None
+    assert unsupported_setup(accelerator(DistributedType.MULTI_CPU), lora) is None
 
 
 def test_deepspeed_takes_the_trainers_clipping_accumulation_and_micro_batch():
