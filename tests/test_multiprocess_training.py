@@ -116,12 +116,23 @@ def test_accelerate_config_trains_on_two_cpu_processes(tmp_path):
     assert (tmp_path / "ddp" / "checkpoint-2").is_dir()
 
 
+def _reports(stdout: str) -> list[dict]:
+    """Every ``REPORT {json}`` the ranks printed. Two processes share the stdout pipe, so one rank's line can
+    run into the other's (``{...}REPORT {...}``): each object is decoded from its marker on."""
+    decoder, found, start = json.JSONDecoder(), [], stdout.find("REPORT ")
+    while start != -1:
+        report, end = decoder.raw_decode(stdout, start + len("REPORT "))
+        found.append(report)
+        start = stdout.find("REPORT ", end)
+    return found
+
+
 def _fsdp_reports(mode: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(ROOT / "tests" / "fsdp_logprob_driver.py"), mode]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line[len("REPORT "):]) for line in out.stdout.splitlines() if line.startswith("REPORT ")]
+    return _reports(out.stdout)
 
 
 def test_fsdp2_log_probs_and_gradients_match_unsharded():
@@ -174,8 +185,7 @@ def test_fsdp_checkpoints_gather_the_whole_weights_and_optimizer_state_and_load_
            str(ROOT / "tests" / "fsdp_checkpoint_driver.py"), mode, str(tmp_path / "model")]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
-    reports = {r["rank"]: r for r in (json.loads(line[len("REPORT "):]) for line in out.stdout.splitlines()
-                                      if line.startswith("REPORT "))}
+    reports = {r["rank"]: r for r in _reports(out.stdout)}
     assert set(reports) == {0, 1} and all("error" not in r for r in reports.values()), reports
     main = reports[0]
     assert main["optimizer_vs_unsharded"] == 0.0 and main["optimizer_reloaded_vs_unsharded"] == 0.0, main

@@ -282,6 +282,7 @@ def test_scoring_calls_the_output_head_module_once(setup, synthetic_records, sha
     module once — the model's own call — which returns the log-probs (vision.output_head); the slices are
     projected inside it, by the head's forward function (no hooks). Gradients still reach the head."""
     model, processor, policy = setup
+    model = copy.deepcopy(model)  # the backward below must not leave gradients on the shared fixture
     torch.manual_seed(5)
     rollout = policy.generate(model, synthetic_records[:2], 2, Sampling(max_new_tokens=5))
     scorer = VisionPolicy(model, processor, logprob_chunk_size=3, share_prompt=share_prompt)  # several slices
